@@ -1,0 +1,37 @@
+"""One error hierarchy for everything a user can get wrong.
+
+The CLI catches :class:`EasyRefError` and prints its message as a single ``error: ...`` line;
+API users catch the subclass that matches what they passed in. Every subclass also inherits
+from the built-in exception a Python user would expect (``ValueError``, ``FileNotFoundError``),
+so ``except ValueError`` keeps working.
+"""
+
+from __future__ import annotations
+
+
+class EasyRefError(Exception):
+    """Base class: a problem with the user's input, files or environment, never a bug."""
+
+
+class InvalidArgumentError(EasyRefError, ValueError):
+    """A number or option is out of range (scale, height, reference count, ...)."""
+
+
+class ImageError(EasyRefError, ValueError):
+    """An image file is missing, unreadable, truncated, too large or in an unknown format."""
+
+
+class ModelFormatError(EasyRefError, ValueError):
+    """A model folder or checkpoint is missing a part or is not in the expected layout."""
+
+
+class ShapeMismatchError(ModelFormatError):
+    """Weights do not fit the model they are loaded into; the message names both shapes."""
+
+
+class HubUnavailableError(EasyRefError, OSError):
+    """A hub id was given but the hub cannot be reached and nothing is cached locally."""
+
+
+class OutputPathError(EasyRefError, OSError):
+    """An output path cannot be written (missing folder, no permission)."""

@@ -1,0 +1,81 @@
+"""Atomic writes, content hashes and reproducibility sidecars: one place for file output.
+
+Every file easyref writes goes through :func:`atomic_write` so an interrupted run never leaves
+a half-written image, embeds file or checkpoint behind: data lands in a temporary file in the
+same folder and is renamed over the target only once complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import tempfile
+from collections.abc import Callable, Iterator
+from importlib import metadata
+from pathlib import Path
+
+from easyref.errors import OutputPathError
+
+VERSIONED_PACKAGES = ("easyref", "torch", "diffusers", "transformers", "accelerate", "peft",
+                      "safetensors", "huggingface_hub", "pillow")
+
+
+def check_output_path(path: str | Path) -> Path:
+    """Fail early, before any model runs, if ``path`` cannot be written."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise OutputPathError(f"output folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise OutputPathError(f"output folder {folder} is not writable")
+    if path.is_dir():
+        raise OutputPathError(f"output path {path} is a folder, expected a file name")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    path = check_output_path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp_path)`` and move the result onto ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        write(tmp)
+    return Path(path)
+
+
+def write_json(path: str | Path, data: object) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of everything that changes the pixels, for the reproducibility sidecar."""
+    versions = {"python": platform.python_version()}
+    for name in VERSIONED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
