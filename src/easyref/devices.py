@@ -1,0 +1,38 @@
+"""Device and dtype choice in one place (never a hard-coded "cuda")."""
+
+from __future__ import annotations
+
+import torch
+
+from easyref.errors import InvalidArgumentError
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def pick_device(name: str | None = None) -> torch.device:
+    """``None``/"auto": CUDA if present, then Apple MPS, else CPU."""
+    if name in (None, "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InvalidArgumentError(f"unknown device {name!r} (try cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidArgumentError(f"device {name} asked for but CUDA is not available")
+    return device
+
+
+def pick_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """``None``/"auto": float16 on CUDA/MPS (half the memory), float32 on CPU (fp16 is slow there)."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name in (None, "auto"):
+        return torch.float32 if device.type == "cpu" else torch.float16
+    if name not in DTYPES:
+        raise InvalidArgumentError(f"unknown dtype {name!r}; choose from {', '.join(DTYPES)}")
+    return DTYPES[name]

@@ -1,0 +1,341 @@
+"""EasyRefPipeline: SDXL that follows a group of reference images plus a prompt.
+
+Reads top to bottom like a diffusers pipeline: check inputs, encode the references (and the
+unconditional branch), hand the tokens to the SDXL pipeline as ``ip_adapter_image_embeds``,
+denoise, decode. The diffusers pipeline does the denoising; EasyRef only adds conditioning, so
+``pipe.derive(StableDiffusionXLImg2ImgPipeline)`` (or inpainting, ControlNet, ...) gives a
+pipeline that shares every weight and takes the same embeds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from easyref import adapter as unet_adapter
+from easyref.config import EasyRefConfig
+from easyref.devices import pick_device, pick_dtype
+from easyref.encoder import ReferenceEncoder, VisionBatching
+from easyref.errors import InvalidArgumentError, ModelFormatError, ShapeMismatchError
+from easyref.hub import resolve
+from easyref.images import image_sha256, load_references
+from easyref.prompting import ReferenceProcessor, unconditional_image
+from easyref.weights import (
+    ADAPTER_WEIGHTS,
+    MLLM_WEIGHTS,
+    load_adapter_state,
+    load_mllm_state,
+    read_safetensors,
+    save_adapter,
+)
+
+ReferenceInput = str | Path | Image.Image
+PARTS = ("base", "mllm", "adapter")
+MAX_SIDE = 4096
+MAX_IMAGES_PER_CALL = 16
+CACHE_SIZE = 8
+
+
+@dataclasses.dataclass
+class EasyRefOutput:
+    """Generated images plus every setting needed to reproduce them (the CLI's JSON sidecar)."""
+
+    images: list[Image.Image]
+    settings: dict[str, Any]
+
+
+def _model_parts(model: str | Path | None, base, mllm, adapter) -> dict[str, str | Path]:
+    given = {"base": base, "mllm": mllm, "adapter": adapter}
+    parts = {}
+    for part in PARTS:
+        if given[part] is not None:
+            parts[part] = given[part]
+        elif model is not None:
+            folder = resolve(model, "model")
+            if not (folder / part).is_dir():
+                raise ModelFormatError(f"model folder {model} has no {part}/ part (or give {part}= explicitly)")
+            parts[part] = folder / part
+    return parts
+
+
+def check_generation_args(*, height: int | None, width: int | None, scale: float, guidance_scale: float,
+                          num_inference_steps: int, num_images: int, seed: int) -> None:
+    """Validate numbers before any model runs; each problem is one clear sentence."""
+    for name, value in (("height", height), ("width", width)):
+        if value is None:
+            continue
+        if not isinstance(value, int) or value % 8 or not 64 <= value <= MAX_SIDE:
+            raise InvalidArgumentError(f"{name} must be a multiple of 8 between 64 and {MAX_SIDE}, got {value}")
+    for name, value in (("scale", scale), ("guidance_scale", guidance_scale)):
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise InvalidArgumentError(f"{name} must be a finite number >= 0, got {value}")
+    if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= 1000:
+        raise InvalidArgumentError(f"num_inference_steps must be between 1 and 1000, got {num_inference_steps}")
+    if not isinstance(num_images, int) or not 1 <= num_images <= MAX_IMAGES_PER_CALL:
+        raise InvalidArgumentError(f"num_images must be between 1 and {MAX_IMAGES_PER_CALL}, got {num_images}")
+    if not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise InvalidArgumentError(f"seed must be a non-negative integer, got {seed}")
+
+
+class EasyRefPipeline:
+    """SDXL + Qwen2-VL reference encoder + EasyRef adapter.
+
+    ``base`` is a diffusers ``StableDiffusionXLPipeline``; ``encoder`` may be ``None`` for an
+    embeds-only pipeline (generation from saved embeds needs no MLLM).
+    """
+
+    def __init__(self, base, encoder: ReferenceEncoder | None, config: EasyRefConfig) -> None:
+        cross = base.unet.config.cross_attention_dim
+        if cross != config.cross_attention_dim:
+            raise ShapeMismatchError(
+                f"adapter cross_attention_dim {config.cross_attention_dim} does not match the base UNet's {cross}"
+            )
+        self.base = base
+        self.encoder = encoder
+        self.config = config
+        unet_adapter.install_adapter(base.unet, config.num_reference_tokens)
+        if config.lora_rank:
+            unet_adapter.add_lora(base.unet, config.lora_rank)
+        self.sources: dict[str, str] = {}
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    # -- construction and persistence --------------------------------------------------------
+    @staticmethod
+    def load_base(base: str | Path, torch_dtype: torch.dtype | None = None):
+        from diffusers import StableDiffusionXLPipeline
+
+        folder = resolve(base, "base model")
+        if not (folder / "model_index.json").is_file():
+            raise ModelFormatError(f"base model {base} is not a diffusers pipeline folder (no model_index.json)")
+        return StableDiffusionXLPipeline.from_pretrained(folder, torch_dtype=torch_dtype)
+
+    @staticmethod
+    def load_mllm(mllm: str | Path, torch_dtype: torch.dtype | None = None):
+        from transformers import AutoModelForImageTextToText
+
+        folder = resolve(mllm, "MLLM")
+        if not (folder / "config.json").is_file():
+            raise ModelFormatError(f"MLLM {mllm} is not a transformers model folder (no config.json)")
+        return AutoModelForImageTextToText.from_pretrained(folder, dtype=torch_dtype), folder
+
+    @classmethod
+    def create(cls, base: str | Path | Any, mllm: str | Path, *, torch_dtype: torch.dtype | None = None,
+               vision_batching: VisionBatching = "auto", **config_kwargs: Any) -> EasyRefPipeline:
+        """A new, untrained EasyRef around a base SDXL and a Qwen2-VL (the start of training).
+
+        The final-layer copy starts from the MLLM's last K layers and to_k_ip / to_v_ip from
+        the UNet's to_k / to_v, as in the release.
+        """
+        sd = base if hasattr(base, "unet") else cls.load_base(base, torch_dtype)
+        model, mllm_folder = cls.load_mllm(mllm, torch_dtype)
+        config = EasyRefConfig(mllm_hidden_size=model.config.text_config.hidden_size,
+                               cross_attention_dim=sd.unet.config.cross_attention_dim, **config_kwargs)
+        processor = ReferenceProcessor.from_pretrained(mllm_folder, config)
+        return cls(sd, ReferenceEncoder(model, processor, config, vision_batching), config)
+
+    @classmethod
+    def from_pretrained(cls, model: str | Path | None = None, *, base: str | Path | None = None,
+                        mllm: str | Path | None = None, adapter: str | Path | None = None,
+                        device: str | None = None, torch_dtype: str | torch.dtype | None = None,
+                        load_mllm: bool = True, vision_batching: VisionBatching = "auto") -> EasyRefPipeline:
+        """Load from a model folder (``base/``, ``mllm/``, ``adapter/``) and/or one source per part.
+
+        Each part is a local folder or a hub id. ``load_mllm=False`` skips the MLLM: the pipeline
+        then generates only from precomputed embeds.
+        """
+        parts = _model_parts(model, base, mllm, adapter)
+        needed = ("base", "mllm", "adapter") if load_mllm else ("base", "adapter")
+        for part in needed:
+            if part not in parts:
+                raise ModelFormatError(f"no {part} given: pass a model folder or {part}=...")
+        target = pick_device(device)
+        dtype = pick_dtype(torch_dtype, target)
+        adapter_folder = resolve(parts["adapter"], "adapter")
+        config = EasyRefConfig.load(adapter_folder)
+        sd = cls.load_base(parts["base"], dtype)
+        encoder = None
+        if load_mllm:
+            model_, mllm_folder = cls.load_mllm(parts["mllm"], dtype)
+            processor = ReferenceProcessor.from_pretrained(mllm_folder, config)
+            encoder = ReferenceEncoder(model_, processor, config, vision_batching)
+        pipe = cls(sd, encoder, config)
+        pipe.load_adapter(adapter_folder)
+        pipe.sources = {part: str(parts[part]) for part in parts}
+        return pipe.to(target)
+
+    def load_adapter(self, folder: str | Path) -> None:
+        """Load EasyRef weights (and finetuned MLLM weights, when present) from an adapter folder."""
+        folder = Path(folder)
+        weights = folder / ADAPTER_WEIGHTS
+        if not weights.is_file():
+            raise ModelFormatError(f"adapter folder {folder} has no {ADAPTER_WEIGHTS}")
+        load_adapter_state(read_safetensors(weights), self.encoder, self.base.unet, str(weights))
+        if self.encoder is not None and (folder / MLLM_WEIGHTS).is_file():
+            load_mllm_state(self.encoder, read_safetensors(folder / MLLM_WEIGHTS), str(folder / MLLM_WEIGHTS))
+        self.clear_cache()
+
+    def save_pretrained(self, folder: str | Path, include_mllm_weights: bool = False) -> Path:
+        """Write ``base/``, ``mllm/`` and ``adapter/``; each part loads on its own.
+
+        The base is saved without EasyRef's processors (they live in the adapter), so ``base/``
+        stays a plain SDXL folder.
+        """
+        if self.encoder is None:
+            raise ModelFormatError("an embeds-only pipeline (no MLLM) cannot be saved as a full model")
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_adapter(folder / "adapter", self.config, self.encoder, self.base.unet)
+        self._save_plain_base(folder / "base")
+        mllm_folder = folder / "mllm"
+        self.encoder.mllm_for_saving().save_pretrained(mllm_folder)
+        self.encoder.processor.save_pretrained(mllm_folder)
+        return folder
+
+    def _save_plain_base(self, folder: Path) -> None:
+        from diffusers import UNet2DConditionModel
+
+        unet = self.base.unet
+        plain = UNet2DConditionModel.from_config({**unet.config, "encoder_hid_dim_type": None})
+        state = {key: value for key, value in unet.state_dict().items()
+                 if ".processor." not in key and not key.startswith("encoder_hid_proj")
+                 and "lora_" not in key}
+        state = {key.replace(".base_layer.", "."): value for key, value in state.items()}
+        plain.load_state_dict(state)
+        components = {**self.base.components, "unet": plain.to(unet.dtype)}
+        type(self.base)(**components).save_pretrained(folder)
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> EasyRefPipeline:
+        self.base.to(device, dtype) if dtype is not None else self.base.to(device)
+        if self.encoder is not None:
+            self.encoder.to(device=device, dtype=dtype)
+        self.clear_cache()
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.base.unet.device
+
+    def derive(self, pipeline_class: type, **components: Any):
+        """A diffusers pipeline of ``pipeline_class`` sharing this pipeline's weights.
+
+        ``pipe.derive(StableDiffusionXLControlNetPipeline, controlnet=cn)`` gives ControlNet
+        (the ControlNet sees the text only; the UNet gets the reference tokens).
+        """
+        return pipeline_class.from_pipe(self.base, **components)
+
+    # -- encoding ----------------------------------------------------------------------------
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
+    def _encode(self, images: Sequence[Image.Image], prompt: str) -> torch.Tensor:
+        if self.encoder is None:
+            raise ModelFormatError("this pipeline was loaded without the MLLM; pass precomputed embeds")
+        key = hashlib.sha256(
+            "\n".join([self.config.aggregation, prompt, *(image_sha256(im) for im in images)]).encode()
+        ).hexdigest()
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        with torch.no_grad():
+            embeds = self.encoder.encode([list(images)], [prompt])
+        self._cache[key] = embeds
+        while len(self._cache) > CACHE_SIZE:
+            self._cache.popitem(last=False)
+        return embeds
+
+    def encode_references(self, references: Sequence[ReferenceInput], prompt: str = "") -> torch.Tensor:
+        """Conditioning tokens for a group: (1, num_reference_tokens, cross_attention_dim)."""
+        images = load_references(references, self.config.max_references)
+        return self._encode(images, prompt)
+
+    def unconditional_embeds(self) -> torch.Tensor:
+        """The release's unconditional branch: a black image with the instruction and no prompt.
+
+        It depends only on the weights, so it is computed once and cached.
+        """
+        return self._encode([unconditional_image()], "")
+
+    def ip_adapter_embeds(self, references: Sequence[ReferenceInput] | None = None, prompt: str = "", *,
+                          embeds: torch.Tensor | None = None, negative_embeds: torch.Tensor | None = None,
+                          negative_references: Sequence[ReferenceInput] | None = None,
+                          negative_prompt: str = "", guidance: bool = True) -> list[torch.Tensor]:
+        """``ip_adapter_image_embeds`` for any diffusers SDXL pipeline: ``[(2 or 1, 1, T, dim)]``.
+
+        With guidance the unconditional half comes first (diffusers' convention): the black
+        image, or the encoded ``negative_references`` when given.
+        """
+        if embeds is None:
+            if references is None:
+                raise InvalidArgumentError("give references or precomputed embeds")
+            embeds = self.encode_references(references, prompt)
+        self._check_embeds(embeds, "embeds")
+        cond = embeds.to(self.device, self.base.unet.dtype)
+        if not guidance:
+            return [cond.unsqueeze(1)]
+        if negative_embeds is None:
+            negative_embeds = (self.encode_references(negative_references, negative_prompt)
+                               if negative_references else self.unconditional_embeds())
+        self._check_embeds(negative_embeds, "negative embeds")
+        uncond = _match_length(negative_embeds.to(cond), cond.shape[1])
+        return [torch.cat([uncond, cond]).unsqueeze(1)]
+
+    def _check_embeds(self, embeds: torch.Tensor, what: str) -> None:
+        if embeds.ndim != 3 or embeds.shape[0] != 1 or embeds.shape[2] != self.config.cross_attention_dim:
+            raise ShapeMismatchError(
+                f"{what} have shape {tuple(embeds.shape)}; this model needs (1, tokens, "
+                f"{self.config.cross_attention_dim})"
+            )
+
+    # -- generation --------------------------------------------------------------------------
+    def __call__(self, references: Sequence[ReferenceInput] | None = None, prompt: str = "", *,
+                 embeds: torch.Tensor | None = None, negative_embeds: torch.Tensor | None = None,
+                 negative_references: Sequence[ReferenceInput] | None = None,
+                 negative_prompt: str | None = None, seed: int = 0, num_inference_steps: int = 30,
+                 guidance_scale: float = 5.0, scale: float = 1.0, height: int | None = None,
+                 width: int | None = None, num_images: int = 1, pipeline: Any = None,
+                 progress: bool = True, **pipeline_kwargs: Any) -> EasyRefOutput:
+        """Generate ``num_images`` images following the references and the prompt.
+
+        ``scale`` weighs the reference tokens (0 gives exactly the base model's image, 1 the
+        trained strength). ``pipeline`` is an optional derived diffusers pipeline (img2img,
+        inpainting, ControlNet) whose extra inputs go in ``pipeline_kwargs``.
+        """
+        check_generation_args(height=height, width=width, scale=scale, guidance_scale=guidance_scale,
+                              num_inference_steps=num_inference_steps, num_images=num_images, seed=seed)
+        target = pipeline if pipeline is not None else self.base
+        if target.unet is not self.base.unet:
+            raise InvalidArgumentError("pipeline must share this EasyRef UNet: build it with pipe.derive(...)")
+        guidance = guidance_scale > 1
+        ip_embeds = self.ip_adapter_embeds(references, prompt, embeds=embeds, negative_embeds=negative_embeds,
+                                           negative_references=negative_references,
+                                           negative_prompt=negative_prompt or "", guidance=guidance)
+        unet_adapter.set_scale(self.base.unet, float(scale))
+        generator = torch.Generator("cpu").manual_seed(seed)
+        target.set_progress_bar_config(disable=not progress)
+        result = target(prompt=prompt, negative_prompt=negative_prompt, ip_adapter_image_embeds=ip_embeds,
+                        generator=generator, num_inference_steps=num_inference_steps,
+                        guidance_scale=guidance_scale, height=height, width=width,
+                        num_images_per_prompt=num_images, **pipeline_kwargs)
+        settings = {
+            "prompt": prompt, "negative_prompt": negative_prompt, "seed": seed,
+            "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "scale": scale,
+            "height": result.images[0].height, "width": result.images[0].width, "num_images": num_images,
+            "pipeline": type(target).__name__, "adapter_config": self.config.to_dict(), "sources": self.sources,
+        }
+        return EasyRefOutput(images=list(result.images), settings=settings)
+
+
+def _match_length(uncond: torch.Tensor, length: int) -> torch.Tensor:
+    """Tile or cut the unconditional tokens to ``length`` (``concat`` groups vary in length)."""
+    if uncond.shape[1] == length:
+        return uncond
+    repeats = math.ceil(length / uncond.shape[1])
+    return uncond.repeat(1, repeats, 1)[:, :length]

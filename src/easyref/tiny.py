@@ -1,0 +1,310 @@
+"""Tiny, randomly initialised, seeded model folders written through the real ``save_pretrained`` paths.
+
+The project (its tests, its benchmarks, and users checking an install offline) needs model folders
+that load with the ordinary ``from_pretrained`` code but that take seconds, not gigabytes. The shapes
+follow the dummy components of diffusers' and transformers' own test suites. Tokenizers are built
+here from a byte-level vocabulary instead of being downloaded, so nothing touches a model hub.
+
+Every writer seeds torch before building each model, so two calls with the same seed write
+identical weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from tokenizers import pre_tokenizers
+from transformers import (
+    BitImageProcessorPil,
+    CLIPConfig,
+    CLIPImageProcessorPil,
+    CLIPModel,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    Dinov2Config,
+    Dinov2Model,
+    Qwen2Tokenizer,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLImageProcessorPil,
+)
+from transformers.image_utils import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+)
+
+# A few merges so the tokenizers exercise real BPE merging, not only single bytes.
+_CLIP_MERGES = [("t", "h"), ("th", "e</w>"), ("a", "n"), ("an", "d</w>"), ("o", "f</w>"), ("i", "n")]
+# "Ġ" is the byte-level symbol for a space: GPT-2 style vocabularies merge it into the word after it.
+_QWEN2_MERGES = [("t", "h"), ("th", "e"), ("Ġ", "a"), ("Ġ", "th"), ("Ġth", "e"), ("i", "n"), ("Ġ", "in")]
+
+# Qwen2-VL-Instruct's special tokens; they are added tokens, never split by BPE.
+QWEN2_VL_SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+
+# Renders messages as Qwen2-VL-Instruct's own template does for text and image parts: a default
+# system turn when none is given, every turn framed by <|im_start|>role ... <|im_end|>, and each image
+# as one <|image_pad|> between vision markers (the processor later expands it to the image's patches).
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}"
+    "{{ message['content'] }}"
+    "{% else %}"
+    "{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}"
+    "{{ part['text'] }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% endif %}"
+    "<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}"
+    "<|im_start|>assistant\n"
+    "{% endif %}"
+)
+
+
+def _byte_level_vocab(
+    merges: list[tuple[str, str]], special_tokens: tuple[str, ...], word_suffix: str | None = None
+) -> dict[str, int]:
+    """Return a BPE vocabulary that can encode any text: the 256 byte-level symbols, the merge results,
+    then the special tokens (last, as in the real CLIP and Qwen2 vocabularies).
+
+    Byte-level BPE maps every byte to one printable symbol, so a vocabulary holding all 256 symbols
+    never needs an unknown token. CLIP marks the last symbol of a word with ``</w>``, so with a
+    ``word_suffix`` each symbol is also present in its suffixed form.
+    """
+    symbols = sorted(pre_tokenizers.ByteLevel.alphabet())
+    if word_suffix is not None:
+        symbols += [symbol + word_suffix for symbol in symbols]
+    symbols += [left + right for left, right in merges]
+    symbols += special_tokens
+    return {symbol: index for index, symbol in enumerate(symbols)}
+
+
+def _clip_tokenizer(pad_token: str) -> CLIPTokenizer:
+    """Build a CLIP tokenizer with SDXL's special tokens and its 77-token context.
+
+    SDXL's first tokenizer pads with ``<|endoftext|>`` and its second with ``!``; the caller picks.
+    """
+    vocab = _byte_level_vocab(_CLIP_MERGES, ("<|startoftext|>", "<|endoftext|>"), word_suffix="</w>")
+    return CLIPTokenizer(vocab=vocab, merges=_CLIP_MERGES, pad_token=pad_token, model_max_length=77)
+
+
+def _clip_text_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
+    """Tiny CLIP text tower config (as in diffusers' SDXL pipeline tests) sized to ``tokenizer``.
+
+    The token ids matter: CLIP pools the hidden state at the end-of-text token.
+    """
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        projection_dim=32,
+        max_position_embeddings=tokenizer.model_max_length,
+        hidden_act="gelu",
+        layer_norm_eps=1e-5,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def write_tiny_base(folder: Path, seed: int = 0) -> None:
+    """Write a tiny ``StableDiffusionXLPipeline`` folder that generates a 64x64 image in seconds on CPU.
+
+    The UNet has SDXL's structure (text-time added conditioning, two text encoders whose hidden states
+    are concatenated into the cross-attention context) at test-suite size, so code written against
+    SDXL runs unchanged. No feature extractor or image encoder is saved.
+    """
+    tokenizer = _clip_tokenizer(pad_token="<|endoftext|>")
+    tokenizer_2 = _clip_tokenizer(pad_token="!")
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=6 * 8 + 32,  # six size/crop numbers + pooled text_encoder_2
+        cross_attention_dim=32 + 32,  # both text encoders' hidden states, concatenated
+        norm_num_groups=32,
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        block_out_channels=[32, 64],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+        sample_size=128,
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(_clip_text_config(tokenizer))
+    torch.manual_seed(seed)
+    text_encoder_2 = CLIPTextModelWithProjection(_clip_text_config(tokenizer_2))
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+        image_encoder=None,
+        feature_extractor=None,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+
+
+def _qwen2_vl_tokenizer() -> Qwen2Tokenizer:
+    """Build a byte-level BPE Qwen2 tokenizer with Qwen2-VL-Instruct's special tokens and chat template."""
+    return Qwen2Tokenizer(
+        vocab=_byte_level_vocab(_QWEN2_MERGES, QWEN2_VL_SPECIAL_TOKENS),
+        merges=_QWEN2_MERGES,
+        unk_token=None,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        extra_special_tokens=list(QWEN2_VL_SPECIAL_TOKENS),
+        chat_template=QWEN2_VL_CHAT_TEMPLATE,
+        model_max_length=32768,
+    )
+
+
+def write_tiny_mllm(folder: Path, seed: int = 0) -> None:
+    """Write a tiny ``Qwen2VLForConditionalGeneration`` folder with its tokenizer and PIL image processor.
+
+    The text model has three layers so that "all but the last K layers" selects something non-trivial.
+    The image processor caps images at 112x112 pixels (8x8 patches) to keep the vision tower fast;
+    load it with ``Qwen2VLImageProcessorPil.from_pretrained`` (the default class needs torchvision).
+    """
+    tokenizer = _qwen2_vl_tokenizer()
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN2_VL_SPECIAL_TOKENS}
+    config = Qwen2VLConfig(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            # head_dim 8 -> 4 rotary frequencies, split over the temporal, height and width positions.
+            "rope_parameters": {"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 1e6},
+            "bos_token_id": ids["<|endoftext|>"],
+            "eos_token_id": ids["<|im_end|>"],
+            "pad_token_id": ids["<|endoftext|>"],
+        },
+        vision_config={
+            "depth": 2,
+            "embed_dim": 32,
+            "num_heads": 4,
+            "hidden_size": 32,  # the merger's output, fed to the text model
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+        },
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    torch.manual_seed(seed)
+    Qwen2VLForConditionalGeneration(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    Qwen2VLImageProcessorPil(
+        size={"shortest_edge": 56 * 56, "longest_edge": 112 * 112},
+        patch_size=14,
+        merge_size=2,
+        temporal_patch_size=2,
+        image_mean=OPENAI_CLIP_MEAN,
+        image_std=OPENAI_CLIP_STD,
+    ).save_pretrained(folder)
+
+
+def write_tiny_clip(folder: Path, seed: int = 0) -> None:
+    """Write a tiny ``CLIPModel`` (text and vision towers) with its tokenizer and PIL image processor.
+
+    For the image-text benchmark metrics. Load the image processor with
+    ``CLIPImageProcessorPil.from_pretrained`` (the default class needs torchvision).
+    """
+    tokenizer = _clip_tokenizer(pad_token="<|endoftext|>")
+    config = CLIPConfig(
+        text_config=_clip_text_config(tokenizer).to_dict(),
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 37,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "image_size": 32,
+            "patch_size": 8,
+            "projection_dim": 32,  # read by CLIPVisionModelWithProjection loaded from this folder
+        },
+        projection_dim=32,
+    )
+    torch.manual_seed(seed)
+    CLIPModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        folder
+    )
+
+
+def write_tiny_dinov2(folder: Path, seed: int = 0) -> None:
+    """Write a tiny ``Dinov2Model`` with its PIL image processor, for the image-image benchmark metrics.
+
+    Load the image processor with ``BitImageProcessorPil.from_pretrained`` (the default class needs
+    torchvision).
+    """
+    config = Dinov2Config(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+    )
+    torch.manual_seed(seed)
+    Dinov2Model(config).save_pretrained(folder)
+    BitImageProcessorPil(
+        size={"shortest_edge": 32},
+        crop_size={"height": 32, "width": 32},
+        image_mean=IMAGENET_DEFAULT_MEAN,
+        image_std=IMAGENET_DEFAULT_STD,
+    ).save_pretrained(folder)
