@@ -115,7 +115,7 @@ class EasyRefPipeline:
         folder = resolve(base, "base model")
         if not (folder / "model_index.json").is_file():
             raise ModelFormatError(f"base model {base} is not a diffusers pipeline folder (no model_index.json)")
-        return StableDiffusionXLPipeline.from_pretrained(folder, torch_dtype=torch_dtype)
+        return StableDiffusionXLPipeline.from_pretrained(folder, dtype=torch_dtype)
 
     @staticmethod
     def load_mllm(mllm: str | Path, torch_dtype: torch.dtype | None = None):

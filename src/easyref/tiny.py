@@ -308,3 +308,26 @@ def write_tiny_dinov2(folder: Path, seed: int = 0) -> None:
         image_mean=IMAGENET_DEFAULT_MEAN,
         image_std=IMAGENET_DEFAULT_STD,
     ).save_pretrained(folder)
+
+
+# Small enough that every reference becomes 2x2 merged tokens: encoding stays in milliseconds.
+TINY_COND_IMAGE_SIZE = 56
+
+
+def make_tiny(folder: Path, seed: int = 0, **config_kwargs) -> Path:
+    """Write a complete tiny EasyRef model folder: ``base/``, ``mllm/`` and a random ``adapter/``.
+
+    Built through ``EasyRefPipeline.create`` and the adapter writer, so loading it exercises the
+    same code paths as a real model. ``config_kwargs`` override EasyRefConfig fields.
+    """
+    from easyref.pipeline import EasyRefPipeline
+    from easyref.weights import save_adapter
+
+    folder = Path(folder)
+    write_tiny_base(folder / "base", seed)
+    write_tiny_mllm(folder / "mllm", seed)
+    torch.manual_seed(seed)
+    config_kwargs.setdefault("cond_image_size", TINY_COND_IMAGE_SIZE)
+    pipe = EasyRefPipeline.create(folder / "base", folder / "mllm", **config_kwargs)
+    save_adapter(folder / "adapter", pipe.config, pipe.encoder, pipe.base.unet)
+    return folder

@@ -59,9 +59,9 @@ def load_adapter_state(state: dict[str, torch.Tensor], encoder: nn.Module | None
     """Load ``state`` into the encoder head (if given) and the UNet, checking every shape first."""
     lora = {key[len("unet_lora."):]: value for key, value in state.items() if key.startswith("unet_lora.")}
     unet_keys = {key: value for key, value in state.items() if key.startswith("unet.")}
-    known = set(lora) | set(unet_keys)
-    expected_unet = {key: value for key, value in unet_state_dict(unet).items() if key.startswith("unet.")}
-    _check_shapes(expected_unet, unet_keys, source)
+    expected_unet = unet_state_dict(unet)
+    _check_shapes(expected_unet, {**unet_keys, **{f"unet_lora.{k}": v for k, v in lora.items()}}, source)
+    known = set(expected_unet)
     if encoder is not None:
         expected_head = encoder_state_dict(encoder)
         head = {key: state[key] for key in expected_head if key in state}

@@ -1,0 +1,222 @@
+"""Generation through diffusers' pipelines with EasyRef tokens, persistence and loading errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import random_image
+
+from easyref.errors import HubUnavailableError, ModelFormatError, ShapeMismatchError
+from easyref.pipeline import EasyRefPipeline
+
+FAST = {"num_inference_steps": 2, "height": 64, "width": 64, "progress": False}
+
+
+def _pixels(image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+def test_scale_zero_is_exactly_the_base_pipeline(tiny_model, tiny_pipe, references):
+    from diffusers import StableDiffusionXLPipeline
+
+    base = StableDiffusionXLPipeline.from_pretrained(tiny_model / "base")
+    base.set_progress_bar_config(disable=True)
+    expected = base("a cat", num_inference_steps=2, height=64, width=64, guidance_scale=5.0,
+                    generator=torch.Generator("cpu").manual_seed(7)).images[0]
+    zero = tiny_pipe(references, "a cat", seed=7, scale=0.0, guidance_scale=5.0, **FAST).images[0]
+    one = tiny_pipe(references, "a cat", seed=7, scale=1.0, guidance_scale=5.0, **FAST).images[0]
+    assert np.array_equal(_pixels(zero), _pixels(expected))
+    assert np.abs(_pixels(one) - _pixels(expected)).max() > 0
+
+
+def test_same_seed_same_image_different_seed_different(tiny_pipe, references):
+    a = tiny_pipe(references, "a cat", seed=3, **FAST).images[0]
+    b = tiny_pipe(references, "a cat", seed=3, **FAST).images[0]
+    c = tiny_pipe(references, "a cat", seed=4, **FAST).images[0]
+    assert np.array_equal(_pixels(a), _pixels(b))
+    assert not np.array_equal(_pixels(a), _pixels(c))
+
+
+def test_one_mllm_pass_per_call_and_unconditional_cached(tiny_pipe, references, monkeypatch):
+    calls = []
+    original = tiny_pipe.encoder.backbone
+    monkeypatch.setattr(tiny_pipe.encoder, "backbone", lambda *a, **k: calls.append(1) or original(*a, **k))
+    tiny_pipe.clear_cache()
+    tiny_pipe(references, "first prompt", **FAST)
+    assert len(calls) == 2  # the references and, once, the black-image unconditional branch
+    tiny_pipe(references[:2], "second prompt", **FAST)
+    assert len(calls) == 3  # only the new references
+    tiny_pipe(references[:2], "second prompt", **FAST)
+    assert len(calls) == 3  # same group and prompt: served from the cache
+
+
+def test_negative_references_change_the_image(tiny_pipe, references):
+    plain = tiny_pipe(references, "a cat", seed=1, **FAST).images[0]
+    negative = tiny_pipe(references, "a cat", seed=1, negative_references=[random_image(64, 64, 9)],
+                         **FAST).images[0]
+    assert not np.array_equal(_pixels(plain), _pixels(negative))
+
+
+def test_embeds_reproduce_the_reference_path(tiny_pipe, references):
+    embeds = tiny_pipe.encode_references(references, "a cat")
+    direct = tiny_pipe(references, "a cat", seed=2, **FAST).images[0]
+    cached = tiny_pipe(prompt="a cat", embeds=embeds.clone(), seed=2, **FAST).images[0]
+    assert np.array_equal(_pixels(direct), _pixels(cached))
+
+
+def test_ip_adapter_embeds_layout(tiny_pipe, references):
+    (with_guidance,) = tiny_pipe.ip_adapter_embeds(references, "a cat")
+    (without,) = tiny_pipe.ip_adapter_embeds(references, "a cat", guidance=False)
+    tokens, dim = tiny_pipe.config.num_reference_tokens, tiny_pipe.config.cross_attention_dim
+    assert with_guidance.shape == (2, 1, tokens, dim)
+    assert without.shape == (1, 1, tokens, dim)
+    torch.testing.assert_close(with_guidance[1], without[0])
+    torch.testing.assert_close(with_guidance[0, 0], tiny_pipe.unconditional_embeds()[0])
+
+
+def test_img2img_and_inpainting_take_reference_tokens(tiny_pipe, references):
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline
+
+    init = random_image(64, 64, 11)
+    img2img = tiny_pipe.derive(StableDiffusionXLImg2ImgPipeline)
+    outs = [tiny_pipe(references, "a cat", seed=0, scale=s, pipeline=img2img, image=init, strength=0.9,
+                      **FAST).images[0] for s in (0.0, 1.0)]
+    assert outs[0].size == (64, 64)
+    assert not np.array_equal(_pixels(outs[0]), _pixels(outs[1]))
+    inpaint = tiny_pipe.derive(StableDiffusionXLInpaintPipeline)
+    mask = random_image(64, 64, 12).convert("L")
+    out = tiny_pipe(references, "a cat", seed=0, pipeline=inpaint, image=init, mask_image=mask, **FAST)
+    assert out.images[0].size == (64, 64)
+
+
+def test_controlnet_sees_text_unet_sees_references(tiny_pipe, references):
+    from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
+
+    unet_config = dict(tiny_pipe.base.unet.config)
+    torch.manual_seed(0)
+    controlnet = ControlNetModel(
+        block_out_channels=unet_config["block_out_channels"], layers_per_block=2,
+        down_block_types=unet_config["down_block_types"], in_channels=4,
+        cross_attention_dim=unet_config["cross_attention_dim"],
+        attention_head_dim=unet_config["attention_head_dim"], use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=8,
+        transformer_layers_per_block=unet_config["transformer_layers_per_block"],
+        projection_class_embeddings_input_dim=unet_config["projection_class_embeddings_input_dim"],
+        conditioning_embedding_out_channels=(16, 32), norm_num_groups=unet_config["norm_num_groups"],
+    )
+    pipe = tiny_pipe.derive(StableDiffusionXLControlNetPipeline, controlnet=controlnet)
+    control = random_image(64, 64, 13)
+    outs = [tiny_pipe(references, "a cat", seed=0, scale=s, pipeline=pipe, image=control, **FAST).images[0]
+            for s in (0.0, 1.0)]
+    assert outs[0].size == (64, 64)
+    assert not np.array_equal(_pixels(outs[0]), _pixels(outs[1]))
+
+
+def test_save_and_load_round_trip(tiny_pipe, references, tmp_path):
+    tiny_pipe.save_pretrained(tmp_path / "copy")
+    assert json.loads((tmp_path / "copy" / "base" / "unet" / "config.json").read_text())[
+        "encoder_hid_dim_type"] is None
+    again = EasyRefPipeline.from_pretrained(tmp_path / "copy", device="cpu", torch_dtype="float32")
+    torch.testing.assert_close(again.encode_references(references, "x"),
+                               tiny_pipe.encode_references(references, "x"), rtol=0, atol=0)
+    a = tiny_pipe(references, "x", seed=5, **FAST).images[0]
+    b = again(references, "x", seed=5, **FAST).images[0]
+    assert np.array_equal(_pixels(a), _pixels(b))
+
+
+def test_lora_round_trip(tiny_model, references, tmp_path):
+    torch.manual_seed(0)
+    pipe = EasyRefPipeline.create(tiny_model / "base", tiny_model / "mllm", cond_image_size=56, lora_rank=4)
+    with torch.no_grad():
+        for name, param in pipe.base.unet.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.05)
+    pipe.save_pretrained(tmp_path / "lora")
+    again = EasyRefPipeline.from_pretrained(tmp_path / "lora", device="cpu", torch_dtype="float32")
+    lora = {k: v for k, v in again.base.unet.state_dict().items() if "lora_B" in k}
+    assert lora and all(v.abs().sum() > 0 for v in lora.values())
+    original = pipe.base.unet.state_dict()
+    for key, value in lora.items():
+        torch.testing.assert_close(value, original[key])
+    a = pipe(references, "x", seed=5, **FAST).images[0]
+    b = again(references, "x", seed=5, **FAST).images[0]
+    assert np.array_equal(_pixels(a), _pixels(b))
+
+
+def test_embeds_only_pipeline_needs_no_mllm(tiny_model, tiny_pipe, references):
+    light = EasyRefPipeline.from_pretrained(tiny_model, load_mllm=False, device="cpu", torch_dtype="float32")
+    assert light.encoder is None
+    embeds = tiny_pipe.encode_references(references, "a cat")
+    uncond = tiny_pipe.unconditional_embeds()
+    a = light(prompt="a cat", embeds=embeds, negative_embeds=uncond, seed=1, **FAST).images[0]
+    b = tiny_pipe(references, "a cat", seed=1, **FAST).images[0]
+    assert np.array_equal(_pixels(a), _pixels(b))
+    with pytest.raises(ModelFormatError, match="without the MLLM"):
+        light(references, "a cat", **FAST)
+
+
+def test_model_folder_missing_a_part(tiny_model, tmp_path):
+    shutil.copytree(tiny_model, tmp_path / "m")
+    shutil.rmtree(tmp_path / "m" / "mllm")
+    with pytest.raises(ModelFormatError, match="no mllm/ part"):
+        EasyRefPipeline.from_pretrained(tmp_path / "m")
+
+
+def test_adapter_dimension_mismatch_names_both(tiny_model, tmp_path):
+    shutil.copytree(tiny_model / "adapter", tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "config.json").read_text())
+    config["cross_attention_dim"] = 48
+    (tmp_path / "adapter" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ShapeMismatchError, match="48.*64"):
+        EasyRefPipeline.from_pretrained(tiny_model, adapter=tmp_path / "adapter")
+    config["cross_attention_dim"], config["mllm_hidden_size"] = 64, 48
+    (tmp_path / "adapter" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ShapeMismatchError, match="48.*32"):
+        EasyRefPipeline.from_pretrained(tiny_model, adapter=tmp_path / "adapter")
+
+
+def test_adapter_weights_with_wrong_token_count(tiny_model, tmp_path):
+    from easyref.weights import read_safetensors, save_safetensors
+
+    shutil.copytree(tiny_model / "adapter", tmp_path / "adapter")
+    state = read_safetensors(tmp_path / "adapter" / "model.safetensors")
+    state["final.reference_tokens"] = state["final.reference_tokens"][:10]
+    save_safetensors(tmp_path / "adapter" / "model.safetensors", state)
+    with pytest.raises(ShapeMismatchError, match=r"reference_tokens has shape \(10, 32\).*\(64, 32\)"):
+        EasyRefPipeline.from_pretrained(tiny_model, adapter=tmp_path / "adapter")
+
+
+def test_unreachable_hub_id_is_a_clear_error(tiny_model):
+    with pytest.raises(HubUnavailableError, match="no-such-org-easyref/no-such-model"):
+        EasyRefPipeline.from_pretrained(tiny_model, base="no-such-org-easyref/no-such-model")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"height": 65}, "height must be a multiple of 8"),
+    ({"width": 8}, "width must be a multiple of 8"),
+    ({"scale": float("nan")}, "scale must be a finite number"),
+    ({"scale": -1.0}, "scale must be a finite number"),
+    ({"num_images": 0}, "num_images must be between"),
+    ({"num_inference_steps": 0}, "num_inference_steps must be between"),
+    ({"seed": -1}, "seed must be a non-negative integer"),
+])
+def test_bad_generation_arguments(tiny_pipe, references, kwargs, message):
+    from easyref.errors import InvalidArgumentError
+
+    args = {**FAST, **kwargs}
+    with pytest.raises(InvalidArgumentError, match=message):
+        tiny_pipe(references, "a cat", **args)
+
+
+def test_reference_count_limits(tiny_pipe):
+    from easyref.errors import InvalidArgumentError
+
+    with pytest.raises(InvalidArgumentError, match="got 0 reference images"):
+        tiny_pipe.encode_references([], "x")
+    too_many = [random_image(8, 8, 0)] * (tiny_pipe.config.max_references + 1)
+    with pytest.raises(InvalidArgumentError, match="give between 1 and"):
+        tiny_pipe.encode_references(too_many, "x")
