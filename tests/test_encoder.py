@@ -6,9 +6,10 @@ import copy
 
 import pytest
 import torch
-from conftest import random_image
 
 from easyref.errors import ShapeMismatchError
+
+from conftest import random_image
 
 
 @pytest.fixture
@@ -71,7 +72,7 @@ def test_padded_batch_rows_equal_rows_alone(encoder):
     prompts = ["short", "a much longer prompt with many more words in it"]
     with torch.no_grad():
         together = encoder.encode(groups, prompts)
-        alone = [encoder.encode([g], [p]) for g, p in zip(groups, prompts)]
+        alone = [encoder.encode([g], [p]) for g, p in zip(groups, prompts, strict=True)]
     torch.testing.assert_close(together, torch.cat(alone), rtol=1e-4, atol=1e-5)
 
 

@@ -8,10 +8,11 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import random_image
 
 from easyref.errors import HubUnavailableError, ModelFormatError, ShapeMismatchError
 from easyref.pipeline import EasyRefPipeline
+
+from conftest import random_image
 
 FAST = {"num_inference_steps": 2, "height": 64, "width": 64, "progress": False}
 

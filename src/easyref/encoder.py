@@ -213,7 +213,7 @@ class ReferenceEncoder(nn.Module):
         if self.config.aggregation != "average":
             return self(**self.processor(groups, prompts))
         rows = [[image] for group in groups for image in group]
-        row_prompts = [prompt for group, prompt in zip(groups, prompts) for _ in group]
+        row_prompts = [prompt for group, prompt in zip(groups, prompts, strict=True) for _ in group]
         inputs = self.processor(rows, row_prompts)
         prefix = self.backbone(**inputs)
         states = self.head(prefix, inputs["attention_mask"])

@@ -94,12 +94,12 @@ class ReferenceProcessor:
         vision = self.images(flat)
         tokens_per_image = (vision["image_grid_thw"].prod(-1) // self.merge_size**2).tolist()
         rows, start = [], 0
-        for group, prompt in zip(groups, prompts):
+        for group, prompt in zip(groups, prompts, strict=True):
             text = self.prompt_text(len(group), prompt)
             pieces = text.split(IMAGE_PAD)
             counts = tokens_per_image[start:start + len(group)]
             start += len(group)
-            text = pieces[0] + "".join(IMAGE_PAD * n + rest for n, rest in zip(counts, pieces[1:]))
+            text = pieces[0] + "".join(IMAGE_PAD * n + rest for n, rest in zip(counts, pieces[1:], strict=True))
             rows.append(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         length = max(len(row) for row in rows)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
