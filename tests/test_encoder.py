@@ -119,3 +119,21 @@ def test_two_final_layers(tiny_pipe):
     encoder = ReferenceEncoder(tiny_pipe.encoder.mllm_for_saving(), tiny_pipe.encoder.processor, config)
     assert len(encoder.final.layers) == 2
     assert _encode(encoder, [random_image(64, 64, 1)]).shape[1] == config.num_reference_tokens
+
+
+def test_qwen2_5_vl_is_served_by_the_same_code(tiny_model, tmp_path):
+    from easyref.pipeline import EasyRefPipeline
+    from easyref.tiny import write_tiny_mllm
+
+    write_tiny_mllm(tmp_path / "mllm25", family="qwen2_5_vl")
+    pipe = EasyRefPipeline.create(tiny_model / "base", tmp_path / "mllm25", cond_image_size=56)
+    assert type(pipe.encoder.mllm).__name__ == "Qwen2_5_VLModel"
+    images = [random_image(64, 90, 1), random_image(120, 60, 2)]
+    out = pipe.encode_references(images, "x")
+    assert out.shape == (1, pipe.config.num_reference_tokens, pipe.config.cross_attention_dim)
+    vision = pipe.encoder.processor.images(images)
+    with torch.no_grad():
+        pipe.encoder.vision_batching = "batched"
+        batched = pipe.encoder.encode_images(**vision)
+        pipe.encoder.vision_batching = "loop"
+        torch.testing.assert_close(batched, pipe.encoder.encode_images(**vision), rtol=1e-5, atol=1e-5)

@@ -27,6 +27,8 @@ from transformers import (
     CLIPTokenizer,
     Dinov2Config,
     Dinov2Model,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
     Qwen2Tokenizer,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
@@ -209,45 +211,52 @@ def _qwen2_vl_tokenizer() -> Qwen2Tokenizer:
     )
 
 
-def write_tiny_mllm(folder: Path, seed: int = 0) -> None:
-    """Write a tiny ``Qwen2VLForConditionalGeneration`` folder with its tokenizer and PIL image processor.
+def write_tiny_mllm(folder: Path, seed: int = 0, family: str = "qwen2_vl") -> None:
+    """Write a tiny Qwen2-VL (or, with ``family="qwen2_5_vl"``, Qwen2.5-VL) folder with its tokenizer
+    and PIL image processor.
 
     The text model has three layers so that "all but the last K layers" selects something non-trivial.
     The image processor caps images at 112x112 pixels (8x8 patches) to keep the vision tower fast;
     load it with ``Qwen2VLImageProcessorPil.from_pretrained`` (the default class needs torchvision).
+    Both families share the tokenizer and image processor, as the real models do.
     """
     tokenizer = _qwen2_vl_tokenizer()
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN2_VL_SPECIAL_TOKENS}
-    config = Qwen2VLConfig(
-        text_config={
-            "vocab_size": len(tokenizer),
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 3,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            # head_dim 8 -> 4 rotary frequencies, split over the temporal, height and width positions.
-            "rope_parameters": {"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 1e6},
-            "bos_token_id": ids["<|endoftext|>"],
-            "eos_token_id": ids["<|im_end|>"],
-            "pad_token_id": ids["<|endoftext|>"],
-        },
-        vision_config={
-            "depth": 2,
-            "embed_dim": 32,
-            "num_heads": 4,
-            "hidden_size": 32,  # the merger's output, fed to the text model
-            "patch_size": 14,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-        },
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-    )
+    text_config = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        # head_dim 8 -> 4 rotary frequencies, split over the temporal, height and width positions.
+        "rope_parameters": {"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 1e6},
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": ids["<|im_end|>"],
+        "pad_token_id": ids["<|endoftext|>"],
+    }
+    token_ids = {
+        "image_token_id": ids["<|image_pad|>"],
+        "video_token_id": ids["<|video_pad|>"],
+        "vision_start_token_id": ids["<|vision_start|>"],
+        "vision_end_token_id": ids["<|vision_end|>"],
+    }
+    vision = {"patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "depth": 2, "num_heads": 4}
+    if family == "qwen2_vl":
+        model_class = Qwen2VLForConditionalGeneration
+        # hidden_size is the merger's output, fed to the text model.
+        config = Qwen2VLConfig(text_config=text_config, vision_config={**vision, "embed_dim": 32, "hidden_size": 32},
+                               **token_ids)
+    elif family == "qwen2_5_vl":
+        model_class = Qwen2_5_VLForConditionalGeneration
+        # Window attention over 56-pixel windows, with the last block global, as in the real model.
+        config = Qwen2_5_VLConfig(text_config=text_config, **token_ids, vision_config={
+            **vision, "hidden_size": 32, "intermediate_size": 64, "out_hidden_size": 32, "window_size": 56,
+            "fullatt_block_indexes": [1]})
+    else:
+        raise ValueError(f"unknown family {family!r}; use qwen2_vl or qwen2_5_vl")
     torch.manual_seed(seed)
-    Qwen2VLForConditionalGeneration(config).save_pretrained(folder)
+    model_class(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     Qwen2VLImageProcessorPil(
         size={"shortest_edge": 56 * 56, "longest_edge": 112 * 112},
