@@ -221,3 +221,14 @@ def test_reference_count_limits(tiny_pipe):
     too_many = [random_image(8, 8, 0)] * (tiny_pipe.config.max_references + 1)
     with pytest.raises(InvalidArgumentError, match="give between 1 and"):
         tiny_pipe.encode_references(too_many, "x")
+
+
+def test_adapter_with_weights_the_model_lacks(tiny_model, tmp_path):
+    from easyref.weights import read_safetensors, save_safetensors
+
+    shutil.copytree(tiny_model / "adapter", tmp_path / "adapter")
+    state = read_safetensors(tmp_path / "adapter" / "model.safetensors")
+    state["final.layers.0.bogus.weight"] = torch.zeros(2)
+    save_safetensors(tmp_path / "adapter" / "model.safetensors", state)
+    with pytest.raises(ModelFormatError, match="final.layers.0.bogus.weight"):
+        EasyRefPipeline.from_pretrained(tiny_model, adapter=tmp_path / "adapter")

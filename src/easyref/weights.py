@@ -70,7 +70,9 @@ def load_adapter_state(state: dict[str, torch.Tensor], encoder: nn.Module | None
             module.load_state_dict({key[len(prefix) + 1:]: value for key, value in head.items()
                                     if key.startswith(prefix + ".")})
         known |= set(expected_head)
-    unexpected = sorted(key for key in state if key not in known and not key.startswith(("final.", "projection.")))
+    # Without an encoder (embeds-only pipelines) the head's weights are legitimately unused.
+    ignored = ("final.", "projection.") if encoder is None else ()
+    unexpected = sorted(key for key in state if key not in known and not (ignored and key.startswith(ignored)))
     if unexpected:
         raise ModelFormatError(f"{source} holds weights this model has no place for, e.g. {unexpected[0]}")
     with torch.no_grad():
