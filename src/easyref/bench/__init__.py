@@ -1,0 +1,1 @@
+"""MRBench: the multi-reference benchmark, its methods, metrics and reports (paper §5)."""
