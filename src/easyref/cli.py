@@ -1,0 +1,554 @@
+"""The ``easyref`` command line: generate, encode, make-tiny, convert.
+
+Every command checks what the user typed (numbers, output paths, reference images, embeds
+files) before any model is loaded, so a typo costs a second, not a minute of loading. Problems
+the user can fix arrive as one ``error: ...`` line on stderr and a non-zero exit status (2 for
+a wrong command line, 1 for a bad file or value, 130 for Ctrl-C); ``-v`` adds the traceback.
+
+Heavy libraries (torch, diffusers, transformers) are imported inside the command functions, so
+``easyref --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shlex
+import shutil
+import sys
+import tempfile
+import traceback
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from easyref.errors import EasyRefError, ModelFormatError, OutputPathError
+
+PROG = "easyref"
+EMBEDS_KEY = "embeds"
+NEGATIVE_EMBEDS_KEY = "negative_embeds"
+EMBEDS_SUFFIX = ".safetensors"
+
+
+class UsageError(Exception):
+    """The command line itself is wrong (unknown option, missing argument, conflicting options)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser that raises instead of printing usage and exiting, so ``main`` owns the output."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def _version() -> str:
+    from easyref import __version__
+
+    return __version__
+
+
+# -- the parser ---------------------------------------------------------------------------------
+
+def _add_verbose(parser: argparse.ArgumentParser, default: Any) -> None:
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", default=default,
+        help="show full tracebacks on errors, library warnings and weight-loading progress bars "
+             "(default: off)",
+    )
+
+
+def _add_model_options(parser: argparse.ArgumentParser, adapter: bool = True) -> None:
+    group = parser.add_argument_group("model")
+    parts = "base/, mllm/ and adapter/" if adapter else "base/ and mllm/"
+    group.add_argument(
+        "--model", metavar="DIR",
+        help=f"model folder holding {parts} (as written by 'easyref make-tiny' or "
+             "EasyRefPipeline.save_pretrained), or a Hugging Face Hub id",
+    )
+    group.add_argument("--base", metavar="DIR_OR_ID",
+                       help="SDXL base model (a diffusers folder or hub id); overrides MODEL/base")
+    group.add_argument("--mllm", metavar="DIR_OR_ID",
+                       help="Qwen2-VL model (a transformers folder or hub id); overrides MODEL/mllm")
+    if adapter:
+        group.add_argument("--adapter", metavar="DIR_OR_ID",
+                           help="EasyRef adapter folder (config.json + model.safetensors); "
+                                "overrides MODEL/adapter")
+
+
+def _add_device_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("hardware")
+    group.add_argument("--device", default="auto", metavar="NAME",
+                       help="where to run: auto (CUDA if present, then Apple MPS, else CPU), cpu, cuda, "
+                            "cuda:1, mps (default: auto)")
+    group.add_argument("--dtype", default="auto", metavar="NAME",
+                       help="weight precision: auto (float16 on GPU, float32 on CPU), float32, float16, "
+                            "bfloat16 (default: auto)")
+
+
+def _add_reference_options(parser: argparse.ArgumentParser, required: bool) -> None:
+    group = parser.add_argument_group("references")
+    group.add_argument(
+        "--ref", metavar="IMG", action="append", required=required,
+        help="a reference image, or a folder (every .png/.jpg/.jpeg/.webp/.bmp/.gif/.tif image directly "
+             "inside it, sorted by name). Repeat for a group: --ref a.png --ref b.png. 1 to 128 images "
+             "in all (the adapter's max_references)",
+    )
+    group.add_argument(
+        "--negative-ref", metavar="IMG", action="append",
+        help="a negative reference image or folder (repeatable): this group is encoded for the "
+             "unconditional guidance branch instead of the default black image (default: none)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG,
+        description="EasyRef: generate SDXL images that follow a group of reference images and a prompt.",
+        epilog="Start offline with: easyref make-tiny tiny-model  (then follow the printed command). "
+               "Run 'easyref COMMAND --help' for each command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    _add_verbose(parser, default=False)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    # generate ---------------------------------------------------------------------------------
+    gen = commands.add_parser(
+        "generate", help="generate images from reference images (or saved embeds) and a prompt",
+        description="Generate images that follow a group of reference images and a prompt. Writes the "
+                    "image(s) and a JSON sidecar OUT.json with every setting, the seed, file hashes and "
+                    "library versions needed to reproduce them.",
+        epilog="example: easyref generate --model tiny-model --ref refs/ --prompt 'a cat' "
+               "--steps 4 --height 64 --width 64 --output cat.png",
+    )
+    _add_verbose(gen, default=argparse.SUPPRESS)
+    _add_model_options(gen)
+    _add_reference_options(gen, required=False)
+    gen.add_argument("--embeds", metavar="FILE",
+                     help="use reference embeds saved by 'easyref encode' instead of --ref; the MLLM is "
+                          "then not loaded (default: none)")
+    gen.add_argument("--prompt", metavar="TEXT",
+                     help="text prompt; required with --ref. With --embeds the prompt stored in the file "
+                          "is used unless this is given")
+    gen.add_argument("--negative-prompt", metavar="TEXT",
+                     help="what the image should not show (default: none; with --embeds, the file's)")
+    gen.add_argument("--output", "-o", metavar="OUT.png", required=True,
+                     help="image file to write; its suffix picks the format (.png, .jpg, .webp, ...). "
+                          "With --num-images N>1 the files are OUT_0.png ... OUT_{N-1}.png. The sidecar "
+                          "OUT.json is written beside it. The folder must exist")
+    sampling = gen.add_argument_group("sampling")
+    sampling.add_argument("--seed", type=int, default=0, metavar="N",
+                          help="random seed; the same seed and settings give the same pixels (default: 0)")
+    sampling.add_argument("--steps", type=int, default=30, metavar="N",
+                          help="number of denoising steps, 1 to 1000 (default: 30)")
+    sampling.add_argument("--scale", type=float, default=1.0, metavar="X",
+                          help="weight of the reference tokens: 0 gives the base model's own image, 1 the "
+                               "trained strength; a finite number >= 0 (default: 1.0)")
+    sampling.add_argument("--guidance-scale", type=float, default=5.0, metavar="X",
+                          help="classifier-free guidance strength; values <= 1 switch guidance off "
+                               "(default: 5.0)")
+    sampling.add_argument("--height", type=int, metavar="PX",
+                          help="image height in pixels, a multiple of 8 from 64 to 4096 "
+                               "(default: the model's native size, 1024 for SDXL)")
+    sampling.add_argument("--width", type=int, metavar="PX",
+                          help="image width in pixels, a multiple of 8 from 64 to 4096 "
+                               "(default: the model's native size, 1024 for SDXL)")
+    sampling.add_argument("--num-images", type=int, default=1, metavar="N",
+                          help="images to generate in one call, 1 to 16 (default: 1)")
+    _add_device_options(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    # encode -----------------------------------------------------------------------------------
+    enc = commands.add_parser(
+        "encode", help="encode a reference group once into an embeds file for 'generate --embeds'",
+        description="Run the MLLM once over a reference group and save the conditioning tokens "
+                    "('embeds', shape 1 x tokens x dim) and the unconditional ones ('negative_embeds') "
+                    "to a safetensors file. 'easyref generate --embeds FILE' then needs no MLLM.",
+        epilog="example: easyref encode --model tiny-model --ref refs/ --prompt 'a cat' --output cat.safetensors",
+    )
+    _add_verbose(enc, default=argparse.SUPPRESS)
+    _add_model_options(enc)
+    _add_reference_options(enc, required=True)
+    enc.add_argument("--prompt", metavar="TEXT", required=True,
+                     help="text prompt encoded with the references; stored in the file and used by "
+                          "'generate --embeds' unless it gets its own --prompt")
+    enc.add_argument("--negative-prompt", metavar="TEXT",
+                     help="prompt encoded with --negative-ref; stored in the file as the default negative "
+                          "prompt (default: none)")
+    enc.add_argument("--output", "-o", metavar="FILE.safetensors", required=True,
+                     help="embeds file to write (must end in .safetensors; the folder must exist)")
+    _add_device_options(enc)
+    enc.set_defaults(func=cmd_encode)
+
+    # make-tiny --------------------------------------------------------------------------------
+    tiny = commands.add_parser(
+        "make-tiny", help="write a tiny random model folder for offline tests and trying the commands",
+        description="Write a complete, tiny, randomly initialised model folder (base/, mllm/, adapter/; "
+                    "about 12 MB) that loads like a real one and generates 64x64 images in a second on a "
+                    "CPU. Its images are noise: it is for checking an install and for tests.",
+    )
+    _add_verbose(tiny, default=argparse.SUPPRESS)
+    tiny.add_argument("folder", metavar="DIR",
+                      help="folder to create; it must not exist or be empty, and its parent must exist")
+    tiny.add_argument("--seed", type=int, default=0, metavar="N",
+                      help="seed for the random weights; the same seed writes the same weights (default: 0)")
+    tiny.set_defaults(func=cmd_make_tiny)
+
+    # convert ----------------------------------------------------------------------------------
+    conv = commands.add_parser(
+        "convert", help="convert an official EasyRef release checkpoint into an adapter folder",
+        description="Convert a checkpoint of the official EasyRef release into an adapter folder "
+                    "(config.json + model.safetensors, plus mllm.safetensors when the release finetuned "
+                    "the MLLM) that loads with --adapter or as MODEL/adapter.",
+    )
+    _add_verbose(conv, default=argparse.SUPPRESS)
+    conv.add_argument("--official", metavar="CKPT", required=True,
+                      help="the official release checkpoint file")
+    _add_model_options(conv, adapter=False)
+    conv.add_argument("--output", "-o", metavar="ADAPTER_DIR", required=True,
+                      help="adapter folder to write; it must not exist or be empty unless --overwrite")
+    conv.add_argument("--overwrite", action="store_true",
+                      help="replace a non-empty ADAPTER_DIR (swapped in only once the new one is complete; "
+                           "default: refuse)")
+    conv.set_defaults(func=cmd_convert)
+    return parser
+
+
+# -- shared helpers -----------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _quiet_libraries(verbose: bool) -> Iterator[None]:
+    """Silence transformers/diffusers logs below error level and their weight-loading progress bars.
+
+    The denoising progress bar (plain tqdm inside the diffusers pipeline) stays. Library warnings
+    (FutureWarning, DeprecationWarning) are hidden too. Everything is restored afterwards, so
+    calling ``main`` from Python leaves the caller's logging as it was. ``verbose`` keeps it all.
+    """
+    if verbose:
+        yield
+        return
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    libraries = (transformers_logging, diffusers_logging)
+    saved = [(lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in libraries]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for lib in libraries:
+            lib.set_verbosity_error()
+            lib.disable_progress_bar()
+        try:
+            yield
+        finally:
+            for lib, (level, bars) in zip(libraries, saved, strict=True):
+                lib.set_verbosity(level)
+                if bars:
+                    lib.enable_progress_bar()
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _command_line(argv: Sequence[str]) -> str:
+    return shlex.join([PROG, *argv])
+
+
+def _model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    if not any(getattr(args, part, None) for part in ("model", "base", "mllm", "adapter")):
+        raise UsageError(f"give --model DIR (or --base, --mllm and --adapter) (see '{PROG} {args.command} --help')")
+    return {"base": args.base, "mllm": args.mllm, "adapter": getattr(args, "adapter", None)}
+
+
+def _check_hardware(args: argparse.Namespace) -> None:
+    from easyref.devices import pick_device, pick_dtype
+
+    pick_dtype(args.dtype, pick_device(args.device))
+
+
+def _load_group(sources: Sequence[str]) -> tuple[list, list[dict[str, str]]]:
+    """Expand folders, decode every image (validating it) and hash each file, before any model loads."""
+    from easyref.config import MAX_REFERENCES
+    from easyref.files import sha256_file
+    from easyref.images import expand_references, load_references
+
+    paths = [str(path) for path in expand_references(list(sources))]
+    images = load_references(paths, MAX_REFERENCES)
+    return images, [{"path": path, "sha256": sha256_file(path)} for path in paths]
+
+
+def _image_format(path: Path) -> str:
+    """PIL's save format for ``path``'s suffix, or an error naming the suffixes that work."""
+    from PIL import Image
+
+    Image.init()
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None or fmt not in Image.SAVE:
+        raise OutputPathError(
+            f"output {path}: cannot tell the image format from "
+            f"{f'the suffix {path.suffix!r}' if path.suffix else 'a name without a suffix'}; "
+            "use .png, .jpg, .webp, ..."
+        )
+    return fmt
+
+
+def _image_outputs(output: str, count: int) -> list[Path]:
+    path = Path(output)
+    if count == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}_{index}{path.suffix}") for index in range(count)]
+
+
+def _save_image(image, path: Path, fmt: str) -> None:
+    image.save(path, format=fmt)
+
+
+def _load_pipeline(args: argparse.Namespace, load_mllm: bool):
+    from easyref.pipeline import EasyRefPipeline
+
+    _say("loading model...")
+    return EasyRefPipeline.from_pretrained(args.model, **_model_kwargs(args), device=args.device,
+                                           torch_dtype=args.dtype, load_mllm=load_mllm)
+
+
+def read_embeds(path: str | Path) -> tuple[Any, Any, dict[str, str]]:
+    """``(embeds, negative_embeds, metadata)`` from a file written by ``easyref encode``."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFormatError(f"embeds file {path} not found")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            keys = set(handle.keys())
+            missing = [key for key in (EMBEDS_KEY, NEGATIVE_EMBEDS_KEY) if key not in keys]
+            if missing:
+                raise ModelFormatError(
+                    f"embeds file {path} has no {' or '.join(repr(k) for k in missing)} tensor; "
+                    "write it with 'easyref encode'"
+                )
+            embeds = handle.get_tensor(EMBEDS_KEY)
+            negative = handle.get_tensor(NEGATIVE_EMBEDS_KEY)
+            metadata = dict(handle.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as exc:
+        if isinstance(exc, EasyRefError):
+            raise
+        raise ModelFormatError(f"embeds file {path} is not a safetensors file ({exc})") from None
+    return embeds, negative, metadata
+
+
+def _maybe_json(text: str) -> Any:
+    """Metadata values that ``encode`` stored as JSON come back as objects (for the sidecar)."""
+    if text[:1] in ("[", "{"):
+        with contextlib.suppress(ValueError):
+            return json.loads(text)
+    return text
+
+
+# -- commands -----------------------------------------------------------------------------------
+
+def cmd_generate(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from easyref.files import check_output_path, package_versions, sha256_file
+    from easyref.pipeline import check_generation_args
+
+    if args.embeds and args.ref:
+        raise UsageError("give --ref or --embeds, not both")
+    if not args.embeds and not args.ref:
+        raise UsageError(f"give reference images with --ref (or an embeds file with --embeds) "
+                         f"(see '{PROG} generate --help')")
+    if args.embeds and args.negative_ref:
+        raise UsageError("--negative-ref needs the MLLM; with --embeds, give the negative references to "
+                         "'easyref encode --negative-ref' instead")
+    if not args.embeds and args.prompt is None:
+        raise UsageError(f"give --prompt TEXT (it may be empty: --prompt '') (see '{PROG} generate --help')")
+    _model_kwargs(args)
+
+    # Everything the user typed is checked here, before the (slow) model load.
+    check_generation_args(height=args.height, width=args.width, scale=args.scale,
+                          guidance_scale=args.guidance_scale, num_inference_steps=args.steps,
+                          num_images=args.num_images, seed=args.seed)
+    outputs = _image_outputs(args.output, args.num_images)
+    fmt = _image_format(outputs[0])
+    sidecar = Path(args.output).with_suffix(".json")
+    for path in [*outputs, sidecar]:
+        check_output_path(path)
+    _check_hardware(args)
+
+    record: dict[str, Any] = {}
+    images = negative_images = embeds = negative_embeds = None
+    prompt, negative_prompt = args.prompt, args.negative_prompt
+    if args.embeds:
+        embeds, negative_embeds, metadata = read_embeds(args.embeds)
+        prompt = metadata.get("prompt", "") if prompt is None else prompt
+        if negative_prompt is None:
+            negative_prompt = metadata.get("negative_prompt") or None
+        record["embeds"] = {"path": args.embeds, "sha256": sha256_file(args.embeds),
+                            "metadata": {key: _maybe_json(value) for key, value in metadata.items()}}
+    else:
+        images, record["references"] = _load_group(args.ref)
+        if args.negative_ref:
+            negative_images, record["negative_references"] = _load_group(args.negative_ref)
+
+    pipe = _load_pipeline(args, load_mllm=not args.embeds)
+    result = pipe(images, prompt, embeds=embeds, negative_embeds=negative_embeds,
+                  negative_references=negative_images, negative_prompt=negative_prompt, seed=args.seed,
+                  num_inference_steps=args.steps, guidance_scale=args.guidance_scale, scale=args.scale,
+                  height=args.height, width=args.width, num_images=args.num_images, progress=True)
+
+    sidecar_data = {
+        "images": [path.name for path in outputs],
+        "seed": args.seed,
+        "settings": result.settings,
+        **record,
+        "device": str(pipe.device),
+        "dtype": str(pipe.base.unet.dtype).removeprefix("torch."),
+        "command": _command_line(argv),
+        "versions": package_versions(),
+    }
+    _write_outputs(result.images, outputs, fmt, sidecar, sidecar_data)
+    for path in outputs:
+        print(path)
+    return 0
+
+
+def _write_outputs(images: list, outputs: list[Path], fmt: str, sidecar: Path, data: dict) -> None:
+    """Write every image and the sidecar to temporary files; rename them all only if all succeeded."""
+    from easyref.files import atomic_path
+
+    with contextlib.ExitStack() as stack:
+        for image, path in zip(images, outputs, strict=True):
+            _save_image(image, stack.enter_context(atomic_path(path)), fmt)
+        tmp = stack.enter_context(atomic_path(sidecar))
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def cmd_encode(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from easyref.files import check_output_path
+    from easyref.weights import save_safetensors
+
+    _model_kwargs(args)
+    output = check_output_path(args.output)
+    if output.suffix != EMBEDS_SUFFIX:
+        raise OutputPathError(f"embeds file {output} must end in {EMBEDS_SUFFIX}")
+    _check_hardware(args)
+    images, references = _load_group(args.ref)
+    negative_images, negative_references = _load_group(args.negative_ref) if args.negative_ref else (None, [])
+
+    pipe = _load_pipeline(args, load_mllm=True)
+    embeds = pipe.encode_references(images, args.prompt)
+    if negative_images is not None:
+        negative = pipe.encode_references(negative_images, args.negative_prompt or "")
+    else:
+        negative = pipe.unconditional_embeds()
+    metadata = {
+        "format": "pt",
+        "prompt": args.prompt,
+        "negative_prompt": args.negative_prompt or "",
+        "references": json.dumps(references),
+        "negative_references": json.dumps(negative_references),
+        "adapter_config": json.dumps(pipe.config.to_dict(), sort_keys=True),
+        "sources": json.dumps(pipe.sources, sort_keys=True),
+        "easyref_version": _version(),
+        "command": _command_line(argv),
+    }
+    save_safetensors(output, {EMBEDS_KEY: embeds, NEGATIVE_EMBEDS_KEY: negative}, metadata)
+    print(output)
+    return 0
+
+
+def _check_new_folder(folder: Path) -> None:
+    if folder.exists() and not folder.is_dir():
+        raise OutputPathError(f"{folder} is a file; give a new folder name")
+    if folder.is_dir() and any(folder.iterdir()):
+        raise OutputPathError(f"folder {folder} is not empty; give a new or empty folder")
+    parent = folder.parent
+    if not parent.is_dir():
+        raise OutputPathError(f"output folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise OutputPathError(f"output folder {parent} is not writable")
+
+
+def cmd_make_tiny(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from easyref.tiny import make_tiny
+
+    folder = Path(args.folder)
+    _check_new_folder(folder)
+    if not 0 <= args.seed < 2**63:
+        raise UsageError(f"--seed must be a non-negative integer, got {args.seed}")
+    _say(f"writing a tiny random model to {folder} ...")
+    # Built beside the target and renamed at the end: an interrupted run leaves no half model.
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the model folder should not be
+    try:
+        make_tiny(staging, seed=args.seed)
+        if folder.is_dir():
+            folder.rmdir()  # empty (checked above); os.replace cannot replace a folder that has files
+        os.replace(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    quoted = shlex.quote(str(folder))
+    print(f"wrote {folder}/ (base/, mllm/, adapter/). Try:\n"
+          f"  {PROG} generate --model {quoted} --ref YOUR_IMAGE_OR_FOLDER --prompt 'a photo' "
+          f"--steps 4 --height 64 --width 64 --output tiny.png")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from easyref.official import import_official
+
+    _model_kwargs(args)
+    _say("loading model and converting...")
+    # import_official checks the output folder first, then the checkpoint, then loads the models,
+    # and writes the adapter folder complete or not at all.
+    folder = import_official(args.official, args.output, model=args.model, base=args.base, mllm=args.mllm,
+                             overwrite=args.overwrite)
+    print(folder)
+    return 0
+
+
+# -- entry point --------------------------------------------------------------------------------
+
+def _one_line(message: object) -> str:
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    return " ".join(lines) or "(no message)"
+
+
+def _error(message: object) -> None:
+    print(f"error: {_one_line(message)}", file=sys.stderr, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status (0 ok, 1 failure, 2 usage, 130 interrupted)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = False
+    try:
+        args = build_parser().parse_args(argv)
+        verbose = args.verbose
+        with _quiet_libraries(verbose):
+            return args.func(args, argv)
+    except SystemExit as exc:  # --help and --version print, then exit 0
+        return exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    except UsageError as exc:
+        _error(exc)
+        return 2
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return 130
+    except EasyRefError as exc:
+        if verbose:
+            traceback.print_exc()
+        _error(exc)
+        return 1
+    except Exception as exc:
+        if verbose:
+            traceback.print_exc()
+            _error(f"unexpected {type(exc).__name__}: {exc}")
+        else:
+            _error(f"unexpected {type(exc).__name__}: {exc} (run with -v for the traceback)")
+        return 1
