@@ -23,7 +23,7 @@ from easyref.bench.runner import group_seed, run_benchmark, shard
 from easyref.bench.scaling import CSV_NAME, run_scaling
 from easyref.errors import EasyRefError
 
-# How the tests invoke the generation commands; becomes ["-m", "easyref", "bench"] once integrated.
+# How the tests invoke the generation commands.
 BENCH = ["-m", "easyref", "bench"]
 FAST = ["--steps", "2", "--height", "64", "--width", "64", "--device", "cpu", "--dtype", "float32"]
 

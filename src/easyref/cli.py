@@ -213,6 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="replace a non-empty ADAPTER_DIR (swapped in only once the new one is complete; "
                            "default: refuse)")
     conv.set_defaults(func=cmd_convert)
+    # Training and benchmarking register their own commands (they import the model parts, never the CLI).
+    from easyref.bench.commands import add_commands as add_bench_commands
+    from easyref.training.commands import add_commands as add_training_commands
+
+    add_training_commands(commands)
+    add_bench_commands(commands)
     return parser
 
 
@@ -531,7 +537,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         verbose = args.verbose
         with _quiet_libraries(verbose):
-            return args.func(args, argv)
+            return args.handler(args) if hasattr(args, "handler") else args.func(args, argv)
     except SystemExit as exc:  # --help and --version print, then exit 0
         return exc.code if isinstance(exc.code, int) else int(exc.code is not None)
     except UsageError as exc:

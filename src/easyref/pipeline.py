@@ -324,10 +324,11 @@ class EasyRefPipeline:
                         generator=generator, num_inference_steps=num_inference_steps,
                         guidance_scale=guidance_scale, height=height, width=width,
                         num_images_per_prompt=num_images, **pipeline_kwargs)
+        default_side = self.base.default_sample_size * self.base.vae_scale_factor
         settings = {
             "prompt": prompt, "negative_prompt": negative_prompt, "seed": seed,
             "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "scale": scale,
-            "height": result.images[0].height, "width": result.images[0].width, "num_images": num_images,
+            "height": height or default_side, "width": width or default_side, "num_images": num_images,
             "pipeline": type(target).__name__, "adapter_config": self.config.to_dict(), "sources": self.sources,
         }
         return EasyRefOutput(images=list(result.images), settings=settings)

@@ -1,0 +1,105 @@
+"""Which parameters each stage trains (METHOD.md §3), and that every one of them gets a gradient."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from easyref.training import loop, stages
+from easyref.training.data import Collator, TrainingDataset
+from easyref.training.options import Augmentations, TrainOptions
+from easyref.training.records import parse_records
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a busy 2-core machine it costs 10x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def pipeline(tiny_model, tmp_path, stage):
+    opts = TrainOptions(stage=stage, data=tmp_path / "d.json", output=tmp_path / "run", model=str(tiny_model),
+                        init=tiny_model / "adapter", lora_rank=4, resolution=64,
+                        augment=Augmentations(resolution=64)).resolved()
+    return loop.load_pipeline(opts)
+
+
+def names(params, module):
+    ids = {id(p) for p in params}
+    return {name for name, p in module.named_parameters() if id(p) in ids}
+
+
+@pytest.mark.parametrize("stage", ["align", "multi"])
+def test_trainable_parts_per_stage(tiny_model, tmp_path, stage):
+    pipe = pipeline(tiny_model, tmp_path, stage)
+    encoder, unet = pipe.encoder, pipe.base.unet
+    parts = stages.trainable_parts(encoder, unet, stage)
+    trainable = {id(p) for group in parts.values() for p in group}
+    assert trainable == {id(p) for m in (encoder, unet) for p in m.parameters() if p.requires_grad}
+    assert names(parts[stages.PART_FINAL], encoder) == {n for n, _ in encoder.final.named_parameters(prefix="final")}
+    assert "final.reference_tokens" in names(parts[stages.PART_FINAL], encoder)
+    assert names(parts[stages.PART_PROJECTION], encoder) == {
+        n for n, _ in encoder.projection.named_parameters(prefix="projection")}
+    adapter_names = names(parts[stages.PART_ADAPTER], unet)
+    assert adapter_names and all(".processor.to_k_ip." in n or ".processor.to_v_ip." in n for n in adapter_names)
+    frozen_unet = {n for n, p in unet.named_parameters() if not p.requires_grad}
+    assert "conv_in.weight" in frozen_unet and not any(".processor." in n for n in frozen_unet)
+    counts = stages.trainable_counts(parts)
+    assert counts == {part: sum(p.numel() for p in group) for part, group in parts.items()}
+    if stage == "align":
+        assert set(parts) == {stages.PART_FINAL, stages.PART_PROJECTION, stages.PART_ADAPTER}
+        assert not any(p.requires_grad for p in encoder.mllm.parameters())
+        assert not any("lora" in n for n in unet.state_dict())
+    else:
+        assert set(parts) == {stages.PART_FINAL, stages.PART_PROJECTION, stages.PART_ADAPTER, stages.PART_MLLM,
+                              stages.PART_LORA}
+        last = len(encoder.language_model.layers) - encoder.config.num_final_layers
+        mllm = names(parts[stages.PART_MLLM], encoder.mllm)
+        assert any(n.startswith("visual.") for n in mllm) and "language_model.embed_tokens.weight" in mllm
+        assert not any(n.startswith(f"language_model.layers.{last}.") for n in mllm)  # never run: not trained
+        lora = names(parts[stages.PART_LORA], unet)
+        assert lora and all(".lora_A." in n or ".lora_B." in n for n in lora)
+        assert {n for n in frozen_unet if "lora" in n} == set()
+        assert pipe.config.lora_rank == 4
+
+
+@pytest.mark.parametrize("stage", ["align", "multi"])
+def test_every_trainable_parameter_gets_a_gradient_and_no_frozen_one(tiny_model, tmp_path, stage):
+    """What distributed data parallel needs (no unused trainable parameter), and the frozen MLLM of
+    stage 1 runs without autograd."""
+    torch.manual_seed(0)
+    pipe = pipeline(tiny_model, tmp_path, stage)
+    encoder, unet = pipe.encoder, pipe.base.unet
+    parts = stages.trainable_parts(encoder, unet, stage)
+    if stage == "multi":  # LoRA B starts at zero, which zeroes the gradient of A: move off the start
+        with torch.no_grad():
+            for param in parts[stages.PART_LORA]:
+                param.add_(0.01 * torch.randn_like(param))
+    rng = np.random.default_rng(0)
+    for name in ("t.png", "a.png", "b.png"):
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / name)
+    records = parse_records(json.loads(json.dumps(
+        [{"image_file": ["a.png", "b.png"], "text": ["x"], "target": "t.png"}])))
+    ds = TrainingDataset(records, tmp_path, Augmentations(resolution=64, drop_text=0, drop_references=0,
+                                                           drop_both=0), seed=0)
+    batch = Collator(encoder.processor)([ds[0]])
+    model = loop.TrainingModel(encoder, unet, stages.trains_mllm(stage))
+    from diffusers import DDPMScheduler
+
+    noise_scheduler = DDPMScheduler.from_config(pipe.base.scheduler.config)
+    loss = loop.training_loss(model, pipe, noise_scheduler, batch, torch.Generator().manual_seed(0),
+                              torch.device("cpu"), noise_offset=0.1)
+    loss.backward()
+    for part, group in parts.items():
+        missing = [p.shape for p in group if p.grad is None or not p.grad.abs().sum() > 0]
+        assert not missing, f"{part}: {len(missing)} trainable tensors got no gradient"
+    frozen = [p for m in (encoder, unet, pipe.base.vae, pipe.base.text_encoder) for p in m.parameters()
+              if not p.requires_grad]
+    assert frozen and all(p.grad is None for p in frozen)
