@@ -25,6 +25,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from easyref.cli_options import add_device_options, add_model_options, add_verbose
 from easyref.errors import EasyRefError, ModelFormatError, OutputPathError
 
 PROG = "easyref"
@@ -52,42 +53,6 @@ def _version() -> str:
 
 # -- the parser ---------------------------------------------------------------------------------
 
-def _add_verbose(parser: argparse.ArgumentParser, default: Any) -> None:
-    parser.add_argument(
-        "-v", "--verbose", action="store_true", default=default,
-        help="show full tracebacks on errors, library warnings and weight-loading progress bars "
-             "(default: off)",
-    )
-
-
-def _add_model_options(parser: argparse.ArgumentParser, adapter: bool = True) -> None:
-    group = parser.add_argument_group("model")
-    parts = "base/, mllm/ and adapter/" if adapter else "base/ and mllm/"
-    group.add_argument(
-        "--model", metavar="DIR",
-        help=f"model folder holding {parts} (as written by 'easyref make-tiny' or "
-             "EasyRefPipeline.save_pretrained), or a Hugging Face Hub id",
-    )
-    group.add_argument("--base", metavar="DIR_OR_ID",
-                       help="SDXL base model (a diffusers folder or hub id); overrides MODEL/base")
-    group.add_argument("--mllm", metavar="DIR_OR_ID",
-                       help="Qwen2-VL model (a transformers folder or hub id); overrides MODEL/mllm")
-    if adapter:
-        group.add_argument("--adapter", metavar="DIR_OR_ID",
-                           help="EasyRef adapter folder (config.json + model.safetensors); "
-                                "overrides MODEL/adapter")
-
-
-def _add_device_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("hardware")
-    group.add_argument("--device", default="auto", metavar="NAME",
-                       help="where to run: auto (CUDA if present, then Apple MPS, else CPU), cpu, cuda, "
-                            "cuda:1, mps (default: auto)")
-    group.add_argument("--dtype", default="auto", metavar="NAME",
-                       help="weight precision: auto (float16 on GPU, float32 on CPU), float32, float16, "
-                            "bfloat16 (default: auto)")
-
-
 def _add_reference_options(parser: argparse.ArgumentParser, required: bool) -> None:
     group = parser.add_argument_group("references")
     group.add_argument(
@@ -111,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                "Run 'easyref COMMAND --help' for each command's options.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    _add_verbose(parser, default=False)
+    add_verbose(parser, default=False)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     # generate ---------------------------------------------------------------------------------
@@ -123,8 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: easyref generate --model tiny-model --ref refs/ --prompt 'a cat' "
                "--steps 4 --height 64 --width 64 --output cat.png",
     )
-    _add_verbose(gen, default=argparse.SUPPRESS)
-    _add_model_options(gen)
+    add_verbose(gen, default=argparse.SUPPRESS)
+    add_model_options(gen)
     _add_reference_options(gen, required=False)
     gen.add_argument("--embeds", metavar="FILE",
                      help="use reference embeds saved by 'easyref encode' instead of --ref; the MLLM is "
@@ -157,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "(default: the model's native size, 1024 for SDXL)")
     sampling.add_argument("--num-images", type=int, default=1, metavar="N",
                           help="images to generate in one call, 1 to 16 (default: 1)")
-    _add_device_options(gen)
+    add_device_options(gen)
     gen.set_defaults(func=cmd_generate)
 
     # encode -----------------------------------------------------------------------------------
@@ -168,8 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "to a safetensors file. 'easyref generate --embeds FILE' then needs no MLLM.",
         epilog="example: easyref encode --model tiny-model --ref refs/ --prompt 'a cat' --output cat.safetensors",
     )
-    _add_verbose(enc, default=argparse.SUPPRESS)
-    _add_model_options(enc)
+    add_verbose(enc, default=argparse.SUPPRESS)
+    add_model_options(enc)
     _add_reference_options(enc, required=True)
     enc.add_argument("--prompt", metavar="TEXT", required=True,
                      help="text prompt encoded with the references; stored in the file and used by "
@@ -179,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "prompt (default: none)")
     enc.add_argument("--output", "-o", metavar="FILE.safetensors", required=True,
                      help="embeds file to write (must end in .safetensors; the folder must exist)")
-    _add_device_options(enc)
+    add_device_options(enc)
     enc.set_defaults(func=cmd_encode)
 
     # make-tiny --------------------------------------------------------------------------------
@@ -189,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "about 12 MB) that loads like a real one and generates 64x64 images in a second on a "
                     "CPU. Its images are noise: it is for checking an install and for tests.",
     )
-    _add_verbose(tiny, default=argparse.SUPPRESS)
+    add_verbose(tiny, default=argparse.SUPPRESS)
     tiny.add_argument("folder", metavar="DIR",
                       help="folder to create; it must not exist or be empty, and its parent must exist")
     tiny.add_argument("--seed", type=int, default=0, metavar="N",
@@ -203,10 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "(config.json + model.safetensors, plus mllm.safetensors when the release finetuned "
                     "the MLLM) that loads with --adapter or as MODEL/adapter.",
     )
-    _add_verbose(conv, default=argparse.SUPPRESS)
+    add_verbose(conv, default=argparse.SUPPRESS)
     conv.add_argument("--official", metavar="CKPT", required=True,
                       help="the official release checkpoint file")
-    _add_model_options(conv, adapter=False)
+    add_model_options(conv, adapter=False)
     conv.add_argument("--output", "-o", metavar="ADAPTER_DIR", required=True,
                       help="adapter folder to write; it must not exist or be empty unless --overwrite")
     conv.add_argument("--overwrite", action="store_true",

@@ -15,16 +15,12 @@ import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
 
-
-def _add_verbose(parser: argparse.ArgumentParser) -> None:
-    # SUPPRESS: the top-level -v stays in force unless repeated after the sub-command.
-    parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                        help="show full tracebacks on errors and library warnings (default: off)")
+from easyref.cli_options import add_verbose
 
 
 def _command(subparsers, name: str, handler, help: str, description: str) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(name, help=help, description=description)
-    _add_verbose(parser)
+    add_verbose(parser)
     parser.set_defaults(handler=handler)
     return parser
 
@@ -35,7 +31,7 @@ def add_commands(subparsers) -> None:
         "bench", help="MRBench: build the benchmark, generate, score, report, compare by eye",
         description="MRBench, the multi-reference benchmark of the EasyRef paper. Typical order: "
                     "build -> run -> score -> report (and compare -> winrate for a human study).")
-    _add_verbose(bench)
+    add_verbose(bench)
     commands = bench.add_subparsers(dest="bench_command", metavar="COMMAND", required=True)
 
     build = _command(

@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from easyref.cli_options import add_device_options, add_model_options
 from easyref.config import AGGREGATIONS
 from easyref.errors import InvalidArgumentError, OutputPathError
 
@@ -40,12 +41,7 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, metavar="N",
                         help="only the first N groups by id, for a quick trial (default: all)")
 
-    models = parser.add_argument_group("models")
-    models.add_argument("--model", metavar="DIR",
-                        help="EasyRef model folder (base/, mllm/, adapter/) or hub id; the baselines use its base/")
-    models.add_argument("--base", metavar="DIR_OR_ID", help="SDXL base model; overrides MODEL/base")
-    models.add_argument("--mllm", metavar="DIR_OR_ID", help="Qwen2-VL model for easyref; overrides MODEL/mllm")
-    models.add_argument("--adapter", metavar="DIR_OR_ID", help="EasyRef adapter folder; overrides MODEL/adapter")
+    models = add_model_options(parser)
     models.add_argument("--ip-adapter", metavar="SOURCE",
                         help="ip-adapter method: a folder or hub id holding the IP-Adapter weights (e.g. "
                              "h94/IP-Adapter with --ip-adapter-subfolder sdxl_models), or the weight file itself")
@@ -82,12 +78,7 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
                       help="training resolution: references are resized and centre-cropped to PXxPX "
                            "(default: 1024)")
 
-    hardware = parser.add_argument_group("hardware")
-    hardware.add_argument("--device", default="auto", metavar="NAME",
-                          help="auto (each accelerate process's own GPU, else CUDA, MPS or CPU), cpu, cuda, cuda:1, "
-                               "mps (default: auto)")
-    hardware.add_argument("--dtype", default="auto", metavar="NAME",
-                          help="auto (float16 on GPU, float32 on CPU), float32, float16, bfloat16 (default: auto)")
+    add_device_options(parser)
 
 
 def add_run_commands(subparsers: Any) -> None:

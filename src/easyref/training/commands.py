@@ -13,6 +13,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from easyref.cli_options import add_model_options, add_verbose
+
 TRAIN_EXAMPLES = """\
 examples:
   easyref train --stage align  --model MODEL_DIR --data pairs.json  --image-root IMGS --output runs/s1
@@ -34,11 +36,6 @@ def _cli(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Nam
 
 def _set_handler(parser: argparse.ArgumentParser, handler: Callable[[argparse.Namespace], int]) -> None:
     parser.set_defaults(handler=handler, func=_cli(handler))
-
-
-def _add_verbose(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                        help="show full tracebacks on errors (default: off)")
 
 
 def add_commands(subparsers) -> None:
@@ -64,12 +61,9 @@ def _add_train(subparsers) -> None:
         usage="%(prog)s --stage {align,single,multi} (--model DIR | --base DIR --mllm DIR) [--init ADAPTER] "
               "--data FILE.json [--image-root DIR] --output DIR [options]",
     )
-    _add_verbose(train)
+    add_verbose(train)
     train.add_argument("--stage", required=True, choices=STAGES, help="training stage")
-    model = train.add_argument_group("model")
-    model.add_argument("--model", metavar="DIR_OR_ID", help="model folder holding base/ and mllm/ (or a hub id)")
-    model.add_argument("--base", metavar="DIR_OR_ID", help="SDXL base model; overrides MODEL/base")
-    model.add_argument("--mllm", metavar="DIR_OR_ID", help="Qwen2-VL model; overrides MODEL/mllm")
+    model = add_model_options(train, adapter=False)
     model.add_argument("--init", metavar="ADAPTER_DIR",
                        help="adapter to start from: required for 'single' (stage-1 RUN/adapter) and 'multi' "
                             "(stage-2 RUN/adapter); optional for 'align' (default: a new adapter)")
@@ -188,7 +182,7 @@ def _add_data(subparsers) -> None:
         description="Training data tools: 'groups' writes the release's JSON for a folder of group folders; "
                     "'check' reports missing, unreadable or too-small images and unusable records.",
     )
-    _add_verbose(data)
+    add_verbose(data)
     actions = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     groups = actions.add_parser(
         "groups", help="turn a folder of group folders into groups.json",
@@ -197,7 +191,7 @@ def _add_data(subparsers) -> None:
                     "sidecar IMAGE.txt (one per line) or the group's captions.json ({\"a.jpg\": \"...\"}). "
                     "Paths are written relative to FOLDER: train with --image-root FOLDER.",
     )
-    _add_verbose(groups)
+    add_verbose(groups)
     groups.add_argument("folder", metavar="FOLDER")
     groups.add_argument("--output", "-o", required=True, metavar="FILE.json", help="data file to write")
     _set_handler(groups, run_groups)
@@ -207,7 +201,7 @@ def _add_data(subparsers) -> None:
                     "and too-small images, records with an unusable target or no usable reference, and face "
                     "boxes outside their image. Exit status 0 when nothing is wrong, 1 otherwise.",
     )
-    _add_verbose(check)
+    add_verbose(check)
     check.add_argument("--data", required=True, metavar="FILE.json")
     check.add_argument("--image-root", metavar="DIR", help="(default: the data file's folder)")
     check.add_argument("--min-size", metavar="PX", type=int, default=256,

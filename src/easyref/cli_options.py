@@ -1,0 +1,48 @@
+"""Command-line options that several ``easyref`` commands share, defined once.
+
+Lives below the CLI so that ``cli.py``, ``training/commands.py`` and ``bench/*commands.py`` can all
+use it without importing each other.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_verbose(parser: argparse.ArgumentParser, default: object = argparse.SUPPRESS) -> None:
+    """``-v``; sub-commands default to SUPPRESS so a ``-v`` before the command stays in force."""
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", default=default,
+        help="show full tracebacks on errors, library warnings and weight-loading progress bars "
+             "(default: off)",
+    )
+
+
+def add_model_options(parser: argparse.ArgumentParser, adapter: bool = True) -> argparse._ArgumentGroup:
+    """``--model`` plus one override per part; returns the group so a command can add its own."""
+    group = parser.add_argument_group("model")
+    parts = "base/, mllm/ and adapter/" if adapter else "base/ and mllm/"
+    group.add_argument(
+        "--model", metavar="DIR",
+        help=f"model folder holding {parts} (as written by 'easyref make-tiny' or "
+             "EasyRefPipeline.save_pretrained), or a Hugging Face Hub id",
+    )
+    group.add_argument("--base", metavar="DIR_OR_ID",
+                       help="SDXL base model (a diffusers folder or hub id); overrides MODEL/base")
+    group.add_argument("--mllm", metavar="DIR_OR_ID",
+                       help="Qwen2-VL model (a transformers folder or hub id); overrides MODEL/mllm")
+    if adapter:
+        group.add_argument("--adapter", metavar="DIR_OR_ID",
+                           help="EasyRef adapter folder (config.json + model.safetensors); "
+                                "overrides MODEL/adapter")
+    return group
+
+
+def add_device_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("hardware")
+    group.add_argument("--device", default="auto", metavar="NAME",
+                       help="where to run: auto (this process's GPU under accelerate launch, else CUDA, "
+                            "then Apple MPS, else CPU), cpu, cuda, cuda:1, mps (default: auto)")
+    group.add_argument("--dtype", default="auto", metavar="NAME",
+                       help="weight precision: auto (float16 on GPU, float32 on CPU), float32, float16, "
+                            "bfloat16 (default: auto)")
