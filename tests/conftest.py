@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 
@@ -30,3 +31,22 @@ def random_image(width: int, height: int, seed: int) -> Image.Image:
 def references():
     """Three references of different sizes and aspect ratios."""
     return [random_image(64, 64, 1), random_image(120, 60, 2), random_image(50, 140, 3)]
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a busy 2-core machine it costs up to 10x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def fresh_accelerate_state(one_thread):
+    """Each in-process training run builds its own Accelerator; accelerate keeps its state per process."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()

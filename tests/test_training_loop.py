@@ -15,19 +15,7 @@ from easyref.cli import main
 from easyref.pipeline import EasyRefPipeline
 from easyref.training.options import Augmentations, TrainOptions
 
-
-@pytest.fixture(autouse=True)
-def one_thread_and_fresh_accelerate_state():
-    """Tiny models gain nothing from a second thread (on a busy 2-core machine it costs 10x); each
-    in-process run builds its own Accelerator, and accelerate keeps its state per process."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def pattern(jitter: int) -> Image.Image:

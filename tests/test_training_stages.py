@@ -14,14 +14,7 @@ from easyref.training.data import Collator, TrainingDataset
 from easyref.training.options import Augmentations, TrainOptions
 from easyref.training.records import parse_records
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy 2-core machine it costs 10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def pipeline(tiny_model, tmp_path, stage):
