@@ -139,15 +139,6 @@ def cast_frozen(module: nn.Module, dtype: torch.dtype) -> None:
             param.data = param.data.to(dtype)
 
 
-def quiet_libraries() -> None:
-    import diffusers.utils.logging as diffusers_logging
-    import transformers.utils.logging as transformers_logging
-
-    for logging in (transformers_logging, diffusers_logging):
-        logging.set_verbosity_error()
-        logging.disable_progress_bar()
-
-
 # -- one step ---------------------------------------------------------------------------------------
 
 def derive_seed(*parts: int) -> int:
@@ -318,7 +309,6 @@ def train(opts: TrainOptions) -> Path:
     accelerator.wait_for_everyone()
 
     # -- model ------------------------------------------------------------------------------------
-    quiet_libraries()
     set_seed(opts.seed)
     pipe = load_pipeline(opts)
     encoder, base, unet = pipe.encoder, pipe.base, pipe.base.unet
