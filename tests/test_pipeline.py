@@ -232,3 +232,13 @@ def test_adapter_with_weights_the_model_lacks(tiny_model, tmp_path):
     save_safetensors(tmp_path / "adapter" / "model.safetensors", state)
     with pytest.raises(ModelFormatError, match="final.layers.0.bogus.weight"):
         EasyRefPipeline.from_pretrained(tiny_model, adapter=tmp_path / "adapter")
+
+
+def test_encode_only_pipeline_needs_no_base(tiny_model, tiny_pipe, references):
+    light = EasyRefPipeline.from_pretrained(tiny_model, load_base=False, device="cpu", torch_dtype="float32")
+    assert light.base is None
+    torch.testing.assert_close(light.encode_references(references, "a cat"),
+                               tiny_pipe.encode_references(references, "a cat"), rtol=0, atol=0)
+    torch.testing.assert_close(light.unconditional_embeds(), tiny_pipe.unconditional_embeds(), rtol=0, atol=0)
+    with pytest.raises(ModelFormatError, match="without the base model"):
+        light(references, "a cat", **FAST)

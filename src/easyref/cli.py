@@ -277,12 +277,12 @@ def _save_image(image, path: Path, fmt: str) -> None:
     image.save(path, format=fmt)
 
 
-def _load_pipeline(args: argparse.Namespace, load_mllm: bool):
+def _load_pipeline(args: argparse.Namespace, load_mllm: bool = True, load_base: bool = True):
     from easyref.pipeline import EasyRefPipeline
 
     _say("loading model...")
     return EasyRefPipeline.from_pretrained(args.model, **_model_kwargs(args), device=args.device,
-                                           torch_dtype=args.dtype, load_mllm=load_mllm)
+                                           torch_dtype=args.dtype, load_mllm=load_mllm, load_base=load_base)
 
 
 def read_embeds(path: str | Path) -> tuple[Any, Any, dict[str, str]]:
@@ -408,7 +408,7 @@ def cmd_encode(args: argparse.Namespace, argv: Sequence[str]) -> int:
     images, references = _load_group(args.ref)
     negative_images, negative_references = _load_group(args.negative_ref) if args.negative_ref else (None, [])
 
-    pipe = _load_pipeline(args, load_mllm=True)
+    pipe = _load_pipeline(args, load_base=False)
     embeds = pipe.encode_references(images, args.prompt)
     if negative_images is not None:
         negative = pipe.encode_references(negative_images, args.negative_prompt or "")

@@ -88,22 +88,26 @@ def check_generation_args(*, height: int | None, width: int | None, scale: float
 class EasyRefPipeline:
     """SDXL + Qwen2-VL reference encoder + EasyRef adapter.
 
-    ``base`` is a diffusers ``StableDiffusionXLPipeline``; ``encoder`` may be ``None`` for an
-    embeds-only pipeline (generation from saved embeds needs no MLLM).
+    ``base`` is a diffusers ``StableDiffusionXLPipeline``, or ``None`` for an encode-only pipeline
+    (saving embeds needs no SDXL); ``encoder`` may be ``None`` for an embeds-only pipeline
+    (generation from saved embeds needs no MLLM).
     """
 
     def __init__(self, base, encoder: ReferenceEncoder | None, config: EasyRefConfig) -> None:
-        cross = base.unet.config.cross_attention_dim
-        if cross != config.cross_attention_dim:
-            raise ShapeMismatchError(
-                f"adapter cross_attention_dim {config.cross_attention_dim} does not match the base UNet's {cross}"
-            )
+        if base is None and encoder is None:
+            raise ModelFormatError("a pipeline needs the base model, the MLLM, or both")
+        if base is not None:
+            cross = base.unet.config.cross_attention_dim
+            if cross != config.cross_attention_dim:
+                raise ShapeMismatchError(
+                    f"adapter cross_attention_dim {config.cross_attention_dim} does not match the base UNet's {cross}"
+                )
+            unet_adapter.install_adapter(base.unet, config.num_reference_tokens)
+            if config.lora_rank:
+                unet_adapter.add_lora(base.unet, config.lora_rank)
         self.base = base
         self.encoder = encoder
         self.config = config
-        unet_adapter.install_adapter(base.unet, config.num_reference_tokens)
-        if config.lora_rank:
-            unet_adapter.add_lora(base.unet, config.lora_rank)
         self.sources: dict[str, str] = {}
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
 
@@ -145,14 +149,16 @@ class EasyRefPipeline:
     def from_pretrained(cls, model: str | Path | None = None, *, base: str | Path | None = None,
                         mllm: str | Path | None = None, adapter: str | Path | None = None,
                         device: str | None = None, torch_dtype: str | torch.dtype | None = None,
-                        load_mllm: bool = True, vision_batching: VisionBatching = "auto") -> EasyRefPipeline:
+                        load_mllm: bool = True, load_base: bool = True,
+                        vision_batching: VisionBatching = "auto") -> EasyRefPipeline:
         """Load from a model folder (``base/``, ``mllm/``, ``adapter/``) and/or one source per part.
 
         Each part is a local folder or a hub id. ``load_mllm=False`` skips the MLLM: the pipeline
-        then generates only from precomputed embeds.
+        then generates only from precomputed embeds. ``load_base=False`` skips SDXL: the pipeline
+        then only encodes references.
         """
         parts = _model_parts(model, base, mllm, adapter)
-        needed = ("base", "mllm", "adapter") if load_mllm else ("base", "adapter")
+        needed = ("adapter",) + (("base",) if load_base else ()) + (("mllm",) if load_mllm else ())
         for part in needed:
             if part not in parts:
                 raise ModelFormatError(f"no {part} given: pass a model folder or {part}=...")
@@ -160,7 +166,7 @@ class EasyRefPipeline:
         dtype = pick_dtype(torch_dtype, target)
         adapter_folder = resolve(parts["adapter"], "adapter")
         config = EasyRefConfig.load(adapter_folder)
-        sd = cls.load_base(parts["base"], dtype)
+        sd = cls.load_base(parts["base"], dtype) if load_base else None
         encoder = None
         if load_mllm:
             model_, mllm_folder = cls.load_mllm(parts["mllm"], dtype)
@@ -177,7 +183,8 @@ class EasyRefPipeline:
         weights = folder / ADAPTER_WEIGHTS
         if not weights.is_file():
             raise ModelFormatError(f"adapter folder {folder} has no {ADAPTER_WEIGHTS}")
-        load_adapter_state(read_safetensors(weights), self.encoder, self.base.unet, str(weights))
+        unet = self.base.unet if self.base is not None else None
+        load_adapter_state(read_safetensors(weights), self.encoder, unet, str(weights))
         if self.encoder is not None and (folder / MLLM_WEIGHTS).is_file():
             load_mllm_state(self.encoder, read_safetensors(folder / MLLM_WEIGHTS), str(folder / MLLM_WEIGHTS))
         self.clear_cache()
@@ -188,8 +195,8 @@ class EasyRefPipeline:
         The base is saved without EasyRef's processors (they live in the adapter), so ``base/``
         stays a plain SDXL folder.
         """
-        if self.encoder is None:
-            raise ModelFormatError("an embeds-only pipeline (no MLLM) cannot be saved as a full model")
+        if self.encoder is None or self.base is None:
+            raise ModelFormatError("a pipeline loaded without a part (MLLM or base) cannot be saved as a full model")
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         save_adapter(folder / "adapter", self.config, self.encoder, self.base.unet)
@@ -213,7 +220,8 @@ class EasyRefPipeline:
         type(self.base)(**components).save_pretrained(folder)
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> EasyRefPipeline:
-        self.base.to(device, dtype) if dtype is not None else self.base.to(device)
+        if self.base is not None:
+            self.base.to(device, dtype) if dtype is not None else self.base.to(device)
         if self.encoder is not None:
             self.encoder.to(device=device, dtype=dtype)
         self.clear_cache()
@@ -221,7 +229,11 @@ class EasyRefPipeline:
 
     @property
     def device(self) -> torch.device:
-        return self.base.unet.device
+        return self.base.unet.device if self.base is not None else self.encoder.device
+
+    def _require_base(self) -> None:
+        if self.base is None:
+            raise ModelFormatError("this pipeline was loaded without the base model (load_base=False); it only encodes")
 
     def derive(self, pipeline_class: type, **components: Any):
         """A diffusers pipeline of ``pipeline_class`` sharing this pipeline's weights.
@@ -229,6 +241,7 @@ class EasyRefPipeline:
         ``pipe.derive(StableDiffusionXLControlNetPipeline, controlnet=cn)`` gives ControlNet
         (the ControlNet sees the text only; the UNet gets the reference tokens).
         """
+        self._require_base()
         return pipeline_class.from_pipe(self.base, **components)
 
     # -- encoding ----------------------------------------------------------------------------
@@ -277,7 +290,8 @@ class EasyRefPipeline:
                 raise InvalidArgumentError("give references or precomputed embeds")
             embeds = self.encode_references(references, prompt)
         self._check_embeds(embeds, "embeds")
-        cond = embeds.to(self.device, self.base.unet.dtype)
+        dtype = self.base.unet.dtype if self.base is not None else self.encoder.dtype
+        cond = embeds.to(self.device, dtype)
         if not guidance:
             return [cond.unsqueeze(1)]
         if negative_embeds is None:
@@ -310,6 +324,7 @@ class EasyRefPipeline:
         """
         check_generation_args(height=height, width=width, scale=scale, guidance_scale=guidance_scale,
                               num_inference_steps=num_inference_steps, num_images=num_images, seed=seed)
+        self._require_base()
         target = pipeline if pipeline is not None else self.base
         if target.unet is not self.base.unet:
             raise InvalidArgumentError("pipeline must share this EasyRef UNet: build it with pipe.derive(...)")

@@ -54,14 +54,22 @@ def _check_shapes(expected: dict[str, torch.Tensor], given: dict[str, torch.Tens
             )
 
 
-def load_adapter_state(state: dict[str, torch.Tensor], encoder: nn.Module | None, unet: nn.Module,
+def load_adapter_state(state: dict[str, torch.Tensor], encoder: nn.Module | None, unet: nn.Module | None,
                        source: str) -> None:
-    """Load ``state`` into the encoder head (if given) and the UNet, checking every shape first."""
+    """Load ``state`` into the encoder head and the UNet, each if given, checking every shape first.
+
+    A part that is not given (embeds-only or encode-only pipelines) leaves its weights unused.
+    """
+    known: set[str] = set()
+    ignored: tuple[str, ...] = ()
     lora = {key[len("unet_lora."):]: value for key, value in state.items() if key.startswith("unet_lora.")}
     unet_keys = {key: value for key, value in state.items() if key.startswith("unet.")}
-    expected_unet = unet_state_dict(unet)
-    _check_shapes(expected_unet, {**unet_keys, **{f"unet_lora.{k}": v for k, v in lora.items()}}, source)
-    known = set(expected_unet)
+    if unet is not None:
+        expected_unet = unet_state_dict(unet)
+        _check_shapes(expected_unet, {**unet_keys, **{f"unet_lora.{k}": v for k, v in lora.items()}}, source)
+        known |= set(expected_unet)
+    else:
+        ignored += ("unet.", "unet_lora.")
     if encoder is not None:
         expected_head = encoder_state_dict(encoder)
         head = {key: state[key] for key in expected_head if key in state}
@@ -70,11 +78,13 @@ def load_adapter_state(state: dict[str, torch.Tensor], encoder: nn.Module | None
             module.load_state_dict({key[len(prefix) + 1:]: value for key, value in head.items()
                                     if key.startswith(prefix + ".")})
         known |= set(expected_head)
-    # Without an encoder (embeds-only pipelines) the head's weights are legitimately unused.
-    ignored = ("final.", "projection.") if encoder is None else ()
-    unexpected = sorted(key for key in state if key not in known and not (ignored and key.startswith(ignored)))
+    else:
+        ignored += ("final.", "projection.")
+    unexpected = sorted(key for key in state if key not in known and not key.startswith(ignored))
     if unexpected:
         raise ModelFormatError(f"{source} holds weights this model has no place for, e.g. {unexpected[0]}")
+    if unet is None:
+        return
     with torch.no_grad():
         current = dict(unet.named_parameters())
         for key, value in unet_keys.items():
