@@ -16,9 +16,7 @@ import contextlib
 import json
 import os
 import shlex
-import shutil
 import sys
-import tempfile
 import traceback
 import warnings
 from collections.abc import Iterator, Sequence
@@ -27,6 +25,7 @@ from typing import Any
 
 from easyref.cli_options import add_device_options, add_model_options, add_verbose
 from easyref.errors import EasyRefError, ModelFormatError, OutputPathError
+from easyref.files import atomic_folder
 
 PROG = "easyref"
 EMBEDS_KEY = "embeds"
@@ -451,18 +450,8 @@ def cmd_make_tiny(args: argparse.Namespace, argv: Sequence[str]) -> int:
         raise UsageError(f"--seed must be a non-negative integer, got {args.seed}")
     _say(f"writing a tiny random model to {folder} ...")
     # Built beside the target and renamed at the end: an interrupted run leaves no half model.
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the model folder should not be
-    try:
+    with atomic_folder(folder) as staging:
         make_tiny(staging, seed=args.seed)
-        if folder.is_dir():
-            folder.rmdir()  # empty (checked above); os.replace cannot replace a folder that has files
-        os.replace(staging, folder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     quoted = shlex.quote(str(folder))
     print(f"wrote {folder}/ (base/, mllm/, adapter/). Try:\n"
           f"  {PROG} generate --model {quoted} --ref YOUR_IMAGE_OR_FOLDER --prompt 'a photo' "

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from importlib import metadata
@@ -56,6 +57,52 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     with atomic_path(path) as tmp:
         write(tmp)
     return Path(path)
+
+
+def replace_folder(staging: str | Path, final: str | Path) -> Path:
+    """Move a completely written ``staging`` folder onto ``final`` in one rename.
+
+    An existing ``final`` is moved aside first and deleted only once the new folder is in place
+    (put back if the move fails), so readers see the old folder or the new one, never a mix.
+    """
+    staging, final = Path(staging), Path(final)
+    aside = None
+    if final.exists():
+        aside = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
+        os.replace(final, aside / final.name)
+    try:
+        os.replace(staging, final)
+    except BaseException:
+        if aside is not None:
+            os.replace(aside / final.name, final)
+        raise
+    finally:
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
+    return final
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | Path, replace: bool = True) -> Iterator[Path]:
+    """Yield a hidden temporary folder beside ``path``; it becomes ``path`` only if the block succeeds.
+
+    With ``replace=False`` an existing ``path`` is an error (``os.rename`` refuses a non-empty
+    target), for folders that must be written exactly once.
+    """
+    path = Path(path)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; published folders should not be
+    try:
+        yield staging
+        if replace:
+            replace_folder(staging, path)
+        else:
+            os.rename(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def write_json(path: str | Path, data: object) -> Path:

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,6 +30,7 @@ import torch
 
 from easyref.config import EasyRefConfig, ReferenceAttention
 from easyref.errors import ModelFormatError, OutputPathError, ShapeMismatchError
+from easyref.files import atomic_folder
 from easyref.weights import (
     adapter_state_dict,
     load_adapter_state,
@@ -242,26 +241,6 @@ def _prepare_output(output: Path, overwrite: bool) -> None:
         raise OutputPathError(f"output folder {output.parent} is not writable")
 
 
-def _write_folder(output: Path, write: Callable[[Path], object]) -> None:
-    """Write into a hidden sibling folder, then swap it in: no half-written adapter folder."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
-    aside = None
-    try:
-        write(tmp)
-        if output.exists():
-            aside = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".old", dir=output.parent))
-            os.replace(output, aside / output.name)
-        os.replace(tmp, output)
-    except BaseException:
-        if aside is not None and not output.exists():
-            os.replace(aside / output.name, output)
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        if aside is not None:
-            shutil.rmtree(aside, ignore_errors=True)
-
-
 def _checkpoint_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
     dtypes = {value.dtype for value in state.values() if value.is_floating_point()}
     return dtypes.pop() if len(dtypes) == 1 else torch.float32
@@ -302,7 +281,8 @@ def import_official(
     if mllm_state is not None:
         _check_against(mllm_state, mllm_state_dict(encoder), source, "MLLM", require_all=False)
         load_mllm_state(encoder, mllm_state, source)
-    _write_folder(output, lambda folder: save_adapter(folder, pipe.config, encoder, unet, mllm_state))
+    with atomic_folder(output) as folder:
+        save_adapter(folder, pipe.config, encoder, unet, mllm_state)
     return output
 
 

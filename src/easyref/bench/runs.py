@@ -14,16 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from PIL import Image
 
 from easyref.bench.manifest import BenchFormatError, Group, manifest_digest
-from easyref.files import write_json
+from easyref.files import atomic_folder, write_json
 
 RUN_INFO = "run.json"
 IMAGES = "images"
@@ -81,18 +78,13 @@ def is_done(run: Path, group_id: str) -> bool:
 def write_group(run: Path, group: Group, images: Sequence[Image.Image], sidecars: Sequence[dict]) -> Path:
     """Write a group's images and sidecars all at once (temp folder, then rename)."""
     final = group_folder(run, group.id)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{group.id}.", dir=final.parent))
-    try:
+    with atomic_folder(final, replace=False) as tmp:
         for index, (image, sidecar) in enumerate(zip(images, sidecars, strict=True)):
             image.save(tmp / f"{index}.png")
             record = {"group_id": group.id, "split": group.split, "domain": group.domain,
                       "caption": group.caption, "target": str(group.target),
                       "references": [str(p) for p in group.references], "index": index, **sidecar}
             (tmp / f"{index}.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-        os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 

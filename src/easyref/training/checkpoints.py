@@ -17,14 +17,13 @@ be visible to every process (a shared filesystem on multi-node runs).
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 from easyref.errors import OutputPathError
-from easyref.files import write_json
+from easyref.files import replace_folder, write_json
 from easyref.training.errors import RunMismatchError
 
 RUN_FILE = "run.json"
@@ -128,23 +127,7 @@ def publish_checkpoint(output: Path, step: int, state: dict[str, Any], keep: int
     """Finish a checkpoint written into :func:`temp_checkpoint`: state file, rename, prune to ``keep``."""
     temp = temp_checkpoint(output, step)
     write_json(temp / STATE_FILE, state)
-    final = output / f"{CHECKPOINT_PREFIX}{step}"
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(temp, final)
+    final = replace_folder(temp, output / f"{CHECKPOINT_PREFIX}{step}")
     for _, old in list_checkpoints(output)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def replace_folder(staging: Path, final: Path) -> Path:
-    """Move a completely written ``staging`` folder onto ``final`` (replacing an older one)."""
-    if final.exists():
-        old = final.with_name(f".{final.name}.old.tmp")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(staging, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, final)
     return final

@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader
 
 from easyref import adapter as unet_adapter
 from easyref.errors import InvalidArgumentError, ModelFormatError, ShapeMismatchError
+from easyref.files import atomic_folder
 from easyref.hub import resolve
 from easyref.pipeline import EasyRefPipeline
 from easyref.training import checkpoints, stages
@@ -257,7 +258,6 @@ def _export_adapter(opts: TrainOptions, accelerator, model: nn.Module, pipe: Eas
     """Write OUTPUT/adapter (config, EasyRef weights, and the MLLM for stages 2 and 3) atomically."""
     from accelerate.utils import DistributedType
 
-    staging = opts.output / f".{checkpoints.ADAPTER_FOLDER}.tmp"
     final = opts.output / checkpoints.ADAPTER_FOLDER
     if accelerator.distributed_type == DistributedType.FSDP:
         # Sharded weights: gather a full state dict, load it into an unsharded copy on the main process.
@@ -270,9 +270,8 @@ def _export_adapter(opts: TrainOptions, accelerator, model: nn.Module, pipe: Eas
         unwrapped = accelerator.unwrap_model(model)
         encoder, unet, config = unwrapped.encoder, unwrapped.unet, pipe.config
     if accelerator.is_main_process:
-        shutil.rmtree(staging, ignore_errors=True)
-        save_adapter(staging, config, encoder, unet, mllm_state=mllm_state_dict(encoder) if train_mllm else None)
-        checkpoints.replace_folder(staging, final)
+        with atomic_folder(final) as staging:
+            save_adapter(staging, config, encoder, unet, mllm_state=mllm_state_dict(encoder) if train_mllm else None)
     accelerator.wait_for_everyone()
     return final
 

@@ -1,0 +1,38 @@
+"""Atomic folder publishing: readers see the old folder or the new one, never a mix."""
+
+from __future__ import annotations
+
+import pytest
+
+from easyref.files import atomic_folder
+
+
+def test_failed_block_leaves_old_folder_and_no_temporaries(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError), atomic_folder(target) as staging:
+        (staging / "new.txt").write_text("new")
+        raise RuntimeError("interrupted")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert [p.name for p in target.iterdir()] == ["old.txt"]
+
+
+def test_success_replaces_whole_folder(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with atomic_folder(target) as staging:
+        (staging / "new.txt").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert [p.name for p in target.iterdir()] == ["new.txt"]
+
+
+def test_write_once_folder_refuses_an_existing_one(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "done.txt").write_text("done")
+    with pytest.raises(OSError), atomic_folder(target, replace=False) as staging:
+        (staging / "again.txt").write_text("again")
+    assert [p.name for p in target.iterdir()] == ["done.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
