@@ -25,7 +25,7 @@ from typing import Any
 
 from easyref.cli_options import add_device_options, add_model_options, add_verbose
 from easyref.errors import EasyRefError, ModelFormatError, OutputPathError
-from easyref.files import atomic_folder
+from easyref.files import atomic_folder, atomic_path, check_output_path, package_versions, sha256_file
 
 PROG = "easyref"
 EMBEDS_KEY = "embeds"
@@ -242,7 +242,6 @@ def _check_hardware(args: argparse.Namespace) -> None:
 def _load_group(sources: Sequence[str]) -> tuple[list, list[dict[str, str]]]:
     """Expand folders, decode every image (validating it) and hash each file, before any model loads."""
     from easyref.config import MAX_REFERENCES
-    from easyref.files import sha256_file
     from easyref.images import expand_references, load_references
 
     paths = [str(path) for path in expand_references(list(sources))]
@@ -321,7 +320,6 @@ def _maybe_json(text: str) -> Any:
 # -- commands -----------------------------------------------------------------------------------
 
 def cmd_generate(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from easyref.files import check_output_path, package_versions, sha256_file
     from easyref.pipeline import check_generation_args
 
     if args.embeds and args.ref:
@@ -386,7 +384,6 @@ def cmd_generate(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 def _write_outputs(images: list, outputs: list[Path], fmt: str, sidecar: Path, data: dict) -> None:
     """Write every image and the sidecar to temporary files; rename them all only if all succeeded."""
-    from easyref.files import atomic_path
 
     with contextlib.ExitStack() as stack:
         for image, path in zip(images, outputs, strict=True):
@@ -396,7 +393,6 @@ def _write_outputs(images: list, outputs: list[Path], fmt: str, sidecar: Path, d
 
 
 def cmd_encode(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from easyref.files import check_output_path
     from easyref.weights import save_safetensors
 
     _model_kwargs(args)
