@@ -1,16 +1,11 @@
-"""Test helpers for the benchmark generation tests: tiny manifests, fast CPU maths.
-
-"""
+"""Test helpers for the benchmark generation tests: tiny manifests, fast CPU maths in subprocesses."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-
-import torch
 
 from conftest import random_image
 
@@ -35,28 +30,11 @@ def write_manifest(folder: Path, reference_counts: Sequence[int], name: str = "b
     return path
 
 
-# Tiny random weights push activations into float32's denormal range, where x86 CPUs run up to ~50x
-# slower (a tiny 2-step generation: 0.2 s with denormals flushed, up to 10 s without). Real models rarely
-# go there; the tests flush them so they measure our code, not that artifact. torch's flush setting is
-# per thread and does not reach its worker threads, hence one thread.
 SITECUSTOMIZE = "import torch\ntorch.set_flush_denormal(True)\n"
 
 
-@contextlib.contextmanager
-def fast_cpu_maths() -> Iterator[None]:
-    """Flush denormals to zero on one torch thread for the duration (torch's defaults: off, all cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.set_flush_denormal(True)
-    try:
-        yield
-    finally:
-        torch.set_flush_denormal(False)
-        torch.set_num_threads(threads)
-
-
 def fast_cpu_env(folder: Path, env: dict[str, str]) -> dict[str, str]:
-    """``env`` for a subprocess with :func:`fast_cpu_maths`: one thread, a ``sitecustomize`` that flushes."""
+    """``env`` for a subprocess with conftest's ``fast_cpu_maths``: one thread, a ``sitecustomize`` that flushes."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "sitecustomize.py").write_text(SITECUSTOMIZE)

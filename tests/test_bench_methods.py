@@ -8,12 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from bench_helpers import fast_cpu_maths, write_manifest
+from bench_helpers import write_manifest
 from easyref.bench.generation_commands import add_run_commands
 from easyref.bench.manifest import load_manifest
 from easyref.bench.methods import METHODS, IPAdapterMethod, make_method
 from easyref.errors import InvalidArgumentError
 from easyref.tiny import TINY_IP_ADAPTER_WEIGHTS, write_tiny_ip_adapter
+
+from conftest import fast_cpu_maths
 
 FAST = ["--steps", "2", "--height", "64", "--width", "64", "--device", "cpu", "--dtype", "float32",
         "--lora-steps", "2", "--lora-resolution", "64"]
