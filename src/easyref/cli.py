@@ -179,10 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
     conv.set_defaults(func=cmd_convert)
     # Training and benchmarking register their own commands (they import the model parts, never the CLI).
     from easyref.bench.commands import add_commands as add_bench_commands
+    from easyref.shapes.commands import add_commands as add_shapes_commands
     from easyref.training.commands import add_commands as add_training_commands
 
     add_training_commands(commands)
     add_bench_commands(commands)
+    add_shapes_commands(commands)
     return parser
 
 

@@ -1,0 +1,132 @@
+"""``easyref shapes ...``: write the miniature world, pretrain its models, draw its figures.
+
+Each sub-command sets ``handler`` (a function of the parsed arguments returning the exit status),
+as the other command groups do. Long work shows a progress bar and is resumable: rerunning a
+command skips what is complete and continues what was interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from easyref.cli_options import add_verbose
+
+PRETRAIN_ORDER = ("judge", "clip", "dino", "base", "mllm")
+DONE = "done.json"
+
+
+def _command(subparsers, name: str, handler, help: str, description: str) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(name, help=help, description=description)
+    add_verbose(parser)
+    parser.set_defaults(handler=handler)
+    return parser
+
+
+def add_commands(subparsers) -> None:
+    """Add ``shapes`` and its sub-commands to the ``easyref`` command's sub-parsers."""
+    from easyref.shapes.export import WorldSettings
+
+    shapes = subparsers.add_parser(
+        "shapes", help="ShapesWorld: a miniature world to train and benchmark EasyRef on a CPU",
+        description="ShapesWorld, a procedural world of coloured shapes small enough to train EasyRef and its "
+                    "baselines end to end on a laptop CPU, with exact metrics (docs/SHAPESWORLD.md). Typical "
+                    "order: world -> pretrain all -> (EasyRef training, benchmark).")
+    add_verbose(shapes)
+    commands = shapes.add_subparsers(dest="shapes_command", metavar="COMMAND", required=True)
+
+    defaults = WorldSettings()
+    world = _command(
+        commands, "world", cmd_world, help="write the world: training records and the held-in/held-out benchmark",
+        description="Render the world into OUTPUT: train/ (stage1.json pairs, stage2.json object crops, "
+                    "stage3.json groups, in the release's training format, for 'easyref train'), held-in/ and "
+                    "held-out/ group folders, and manifest.jsonl / manifest-all.jsonl for 'easyref bench'. "
+                    "Deterministic: the same settings and seed give the same pixels. Rerunning continues an "
+                    "interrupted run; other settings into the same folder are refused.")
+    world.add_argument("output", metavar="OUTPUT", help="folder to write (created if missing)")
+    for name, help_text in (("pairs", "image-caption pairs for stage align"),
+                            ("crops", "object-crop records for stage single"),
+                            ("groups", "training groups for stage multi"),
+                            ("train-references", "references per training group"),
+                            ("held-in", "held-in benchmark groups (training combinations, new renders)"),
+                            ("held-out", "held-out benchmark groups (unseen combinations and the unseen 'scene' "
+                                         "kind)"),
+                            ("test-references", "references rendered per benchmark group (for scaling curves)"),
+                            ("manifest-references", "references per group in manifest.jsonl"),
+                            ("seed", "world seed")):
+        attr = name.replace("-", "_")
+        world.add_argument(f"--{name}", type=int, default=getattr(defaults, attr), metavar="N",
+                           help=f"{help_text} (default: {getattr(defaults, attr)})")
+    world.add_argument("--workers", type=int, default=None, metavar="N",
+                       help="processes rendering in parallel (default: up to 2)")
+
+    pretrain = _command(
+        commands, "pretrain", cmd_pretrain, help="pretrain the world's judge, CLIP, DINO, base model and MLLM",
+        description="Train ShapesWorld's own pretrained models into OUTPUT/<model>/ from fresh renders "
+                    "(training combinations only, except the judge, which is the metric): 'judge' (attribute "
+                    "classifier), 'clip' (CLIPModel), 'dino' (self-supervised Dinov2Model), 'base' (the SDXL "
+                    "analogue; needs clip, evaluated by judge), 'mllm' (the Qwen2-VL analogue), or 'all' in that "
+                    "order. Finished models are skipped; interrupted ones resume from OUTPUT/work/<model>/.")
+    pretrain.add_argument("model", choices=(*PRETRAIN_ORDER, "all"), help="which model (or all)")
+    pretrain.add_argument("output", metavar="OUTPUT", help="folder for the pretrained set")
+    pretrain.add_argument("--steps", type=int, default=None, metavar="N",
+                          help="training steps per model (default: each model's full budget; small values are "
+                               "for a quick check)")
+    pretrain.add_argument("--seed", type=int, default=0, metavar="N", help="training seed (default: 0)")
+
+
+def cmd_world(args: argparse.Namespace) -> int:
+    from easyref.shapes.export import WorldSettings, write_world
+
+    settings = WorldSettings(pairs=args.pairs, crops=args.crops, groups=args.groups,
+                             train_references=args.train_references, held_in=args.held_in, held_out=args.held_out,
+                             test_references=args.test_references, manifest_references=args.manifest_references,
+                             seed=args.seed)
+    write_world(args.output, settings, workers=args.workers, progress=True)
+    print(f"wrote the world to {args.output}: train/stage1.json, stage2.json, stage3.json; manifest.jsonl")
+    return 0
+
+
+def pretrain_one(name: str, output: Path, steps: int | None, seed: int, progress: bool = True) -> dict:
+    """Pretrain one model into ``output/name`` unless it is done; returns its summary."""
+    from easyref.files import write_json
+
+    done = output / "work" / name / DONE
+    if done.is_file():
+        return json.loads(done.read_text())
+    (output / "work").mkdir(parents=True, exist_ok=True)
+    common = {"steps": steps, "seed": seed, "progress": progress}
+    if name == "judge":
+        from easyref.shapes.judge import pretrain_judge
+        summary = pretrain_judge(output / "judge", **common)
+    elif name == "clip":
+        from easyref.shapes.clip import pretrain_clip
+        summary = pretrain_clip(output / "clip", **common)
+    elif name == "dino":
+        from easyref.shapes.dino import pretrain_dino
+        summary = pretrain_dino(output / "dino", **common)
+    elif name == "base":
+        from easyref.shapes.base import pretrain_base
+        summary = pretrain_base(output / "base", clip=output / "clip", judge=output / "judge", **common)
+    else:
+        from easyref.shapes.mllm import pretrain_mllm
+        summary = pretrain_mllm(output / "mllm", **common)
+    write_json(done, summary)
+    return summary
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from easyref.errors import InvalidArgumentError
+
+    if args.steps is not None and args.steps < 1:
+        raise InvalidArgumentError(f"--steps must be at least 1, got {args.steps}")
+    output = Path(args.output)
+    names = PRETRAIN_ORDER if args.model == "all" else (args.model,)
+    for name in names:
+        if name == "base" and not (output / "work" / "clip" / DONE).is_file():
+            raise InvalidArgumentError(f"the base model needs the world's CLIP first: "
+                                       f"easyref shapes pretrain clip {output}")
+        summary = pretrain_one(name, output, args.steps, args.seed, progress=True)
+        print(f"{name}: {json.dumps(summary, sort_keys=True)}")
+    return 0
