@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from easyref.errors import InvalidArgumentError
-from easyref.files import atomic_folder, write_json
+from easyref.files import atomic_folder, atomic_write, write_json
 
 CHECKPOINT = "checkpoint"
 LOG = "log.jsonl"
@@ -100,6 +100,14 @@ def _save_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Opti
         (staging / _STATE).write_text(json.dumps({"step": step}))
 
 
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines past ``step``: a run killed after its last checkpoint logged steps it will redo."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    atomic_write(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
+
+
 def train(name: str, model: nn.Module, step_loss: Callable[[int], torch.Tensor], settings: LoopSettings,
           work_dir: str | Path, progress: bool = True) -> dict:
     """Train ``model``'s trainable parameters for ``settings.steps`` steps, resuming from ``work_dir``.
@@ -122,6 +130,7 @@ def train(name: str, model: nn.Module, step_loss: Callable[[int], torch.Tensor],
     checkpoint = work_dir / CHECKPOINT
     if (checkpoint / _STATE).is_file():
         start = _load_checkpoint(checkpoint, model, optimizer)
+    _truncate_log(work_dir / LOG, start)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     window: list[float] = []
