@@ -194,29 +194,45 @@ class ReferenceEncoder(nn.Module):
         is_image = input_ids.to(prefix.device)[0] == self.mllm.config.image_token_id
         return out[:, is_image]
 
+    def aggregate(self, prefix: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  group_sizes: Sequence[int] | None = None) -> torch.Tensor | list[torch.Tensor]:
+        """The configured aggregation over backbone outputs, projected (paper Table 5).
+
+        ``tokens``: (rows, N, d), one row per group. ``average``: each row holds ONE reference and
+        ``group_sizes`` says how many consecutive rows form a group; the reference-token outputs are
+        averaged per group before the projection: (groups, N, d). ``concat``: a list with one
+        (1, T_i, d) tensor per row, T_i = that row's image tokens (lengths differ between groups).
+        """
+        aggregation = self.config.aggregation
+        if aggregation == "concat":
+            return [self.projection(self.image_states(prefix[i:i + 1], attention_mask[i:i + 1], input_ids[i:i + 1]))
+                    for i in range(prefix.shape[0])]
+        states = self.head(prefix, attention_mask)
+        if aggregation == "average":
+            if group_sizes is None or sum(group_sizes) != states.shape[0]:
+                raise ValueError(f"average aggregation needs group sizes summing to {states.shape[0]} rows")
+            states = torch.stack([chunk.mean(0) for chunk in states.split(list(group_sizes))])
+        return self.projection(states)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
                 image_grid_thw: torch.Tensor) -> torch.Tensor:
-        """Projected conditioning tokens for each row of processor output: (rows, T, cross_attention_dim)."""
+        """Projected conditioning tokens for each row of processor output: (rows, T, cross_attention_dim).
+
+        One row per group; ``concat`` rows must then all have the same number of image tokens.
+        """
         prefix = self.backbone(input_ids, attention_mask, pixel_values, image_grid_thw)
-        if self.config.aggregation == "concat":
-            states = self.image_states(prefix, attention_mask, input_ids)
-        else:
-            states = self.head(prefix, attention_mask)
-        return self.projection(states)
+        if self.config.aggregation == "average":
+            return self.aggregate(prefix, input_ids, attention_mask, [1] * prefix.shape[0])
+        out = self.aggregate(prefix, input_ids, attention_mask)
+        return torch.cat(out) if isinstance(out, list) else out
 
     def encode(self, groups: Sequence[Sequence[Image.Image]], prompts: Sequence[str]) -> torch.Tensor:
         """Conditioning tokens for each (group, prompt): (len(groups), T, cross_attention_dim).
 
-        ``average`` runs each reference as its own row and averages the reference-token
-        outputs of a group before the projection.
+        ``average`` runs each reference as its own row (see :meth:`ReferenceProcessor.rows`).
         """
-        if self.config.aggregation != "average":
-            return self(**self.processor(groups, prompts))
-        rows = [[image] for group in groups for image in group]
-        row_prompts = [prompt for group, prompt in zip(groups, prompts, strict=True) for _ in group]
-        inputs = self.processor(rows, row_prompts)
+        inputs = self.processor.rows(groups, prompts)
+        sizes = inputs.pop("group_sizes", None)
         prefix = self.backbone(**inputs)
-        states = self.head(prefix, inputs["attention_mask"])
-        sizes = [len(group) for group in groups]
-        averaged = torch.stack([chunk.mean(0) for chunk in states.split(sizes)])
-        return self.projection(averaged)
+        out = self.aggregate(prefix, inputs["input_ids"], inputs["attention_mask"], sizes)
+        return torch.cat(out) if isinstance(out, list) else out

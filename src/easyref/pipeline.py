@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from easyref import adapter as unet_adapter
-from easyref.config import EasyRefConfig
+from easyref.config import AGGREGATIONS, EasyRefConfig
 from easyref.devices import pick_device, pick_dtype
 from easyref.encoder import ReferenceEncoder, VisionBatching
 from easyref.errors import InvalidArgumentError, ModelFormatError, ShapeMismatchError
@@ -247,6 +247,30 @@ class EasyRefPipeline:
     # -- encoding ----------------------------------------------------------------------------
     def clear_cache(self) -> None:
         self._cache.clear()
+
+    def set_config(self, **changes: Any) -> None:
+        """Change adapter settings everywhere they are read (pipeline, encoder, processor) at once.
+
+        The three share one :class:`EasyRefConfig`; replacing it in one place only would let them
+        disagree (e.g. the encoder aggregating one way and the cache keying another).
+        """
+        config = dataclasses.replace(self.config, **changes)
+        self.config = config
+        if self.encoder is not None:
+            self.encoder.config = config
+            self.encoder.processor.config = config
+        self.clear_cache()
+
+    def set_aggregation(self, aggregation: str) -> None:
+        """Switch how a group becomes tokens (``tokens``, ``average``, ``concat``; paper Table 5).
+
+        The three read the same trained parameters. Switching a ``tokens``-trained adapter at
+        inference only approximates the paper's Table 5 rows, which train each variant
+        (``easyref train --aggregation``).
+        """
+        if aggregation not in AGGREGATIONS:
+            raise InvalidArgumentError(f"aggregation must be one of {', '.join(AGGREGATIONS)}, got {aggregation!r}")
+        self.set_config(aggregation=aggregation)
 
     def _encode(self, images: Sequence[Image.Image], prompt: str) -> torch.Tensor:
         if self.encoder is None:

@@ -109,3 +109,18 @@ class ReferenceProcessor:
             input_ids[i, length - len(row):] = torch.tensor(row)
             attention_mask[i, length - len(row):] = 1
         return {"input_ids": input_ids, "attention_mask": attention_mask, **vision}
+
+    def rows(self, groups: Sequence[Sequence[Image.Image]], prompts: Sequence[str]) -> dict:
+        """Model inputs as the configured aggregation reads them.
+
+        ``tokens`` and ``concat``: one row per group (all its references in one sequence).
+        ``average``: one row per reference (each with its group's prompt), and ``group_sizes``
+        (a list) saying how many consecutive rows belong to each group.
+        """
+        if self.config.aggregation != "average":
+            return self(groups, prompts)
+        if len(groups) != len(prompts):
+            raise ValueError("need one prompt per reference group")
+        rows = [[image] for group in groups for image in group]
+        row_prompts = [prompt for group, prompt in zip(groups, prompts, strict=True) for _ in group]
+        return {**self(rows, row_prompts), "group_sizes": [len(group) for group in groups]}

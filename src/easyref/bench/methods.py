@@ -30,7 +30,6 @@ import torch
 from PIL import Image
 
 from easyref.bench.manifest import Group
-from easyref.config import AGGREGATIONS
 from easyref.devices import pick_device, pick_dtype
 from easyref.errors import InvalidArgumentError, ModelFormatError
 from easyref.hub import resolve
@@ -124,11 +123,7 @@ class EasyRefMethod(Method):
     def __init__(self, pipe: EasyRefPipeline, sampling: Sampling, scale: float = 1.0,
                  aggregation: str | None = None) -> None:
         if aggregation is not None:
-            if aggregation not in AGGREGATIONS:
-                raise InvalidArgumentError(f"aggregation must be one of {', '.join(AGGREGATIONS)}, got {aggregation!r}")
-            # The encoder and processor share this config object; the encoding cache keys on it.
-            pipe.config.aggregation = aggregation
-            pipe.clear_cache()
+            pipe.set_aggregation(aggregation)
         self.pipe = pipe
         self.sampling = sampling
         self.scale = scale

@@ -67,6 +67,11 @@ def _add_train(subparsers) -> None:
     model.add_argument("--init", metavar="ADAPTER_DIR",
                        help="adapter to start from: required for 'single' (stage-1 RUN/adapter) and 'multi' "
                             "(stage-2 RUN/adapter); optional for 'align' (default: a new adapter)")
+    model.add_argument("--aggregation", choices=("tokens", "average", "concat"),
+                       help="how a group becomes tokens (paper Table 5): 'tokens' (EasyRef), 'average' (each "
+                            "reference alone, reference-token outputs averaged), 'concat' (the final layer's outputs "
+                            "at every image token). Given with --init, training continues the same parameters under "
+                            "this aggregation (default: the --init adapter's, else tokens)")
     model.add_argument("--lora-rank", type=int, metavar="R",
                        help="UNet LoRA rank for stages single and multi (default: the --init adapter's, else 128)")
     fresh = train.add_argument_group("a new adapter (stage align without --init)")
@@ -162,7 +167,7 @@ def options_from_args(args: argparse.Namespace):
         validation_inference_steps=args.validation_inference_steps,
         validation_guidance_scale=args.validation_guidance_scale, num_reference_tokens=args.num_reference_tokens,
         num_final_layers=args.num_final_layers, cond_image_size=args.cond_image_size,
-        reference_attention=args.reference_attention, progress=not args.no_progress,
+        reference_attention=args.reference_attention, aggregation=args.aggregation, progress=not args.no_progress,
         pause_after_steps=args.pause_after_steps,
     )
 

@@ -217,7 +217,7 @@ class Collator:
 
     def __call__(self, samples: Sequence[Sample]) -> dict:
         return {
-            "mllm": self.processor([s.references for s in samples], [s.caption for s in samples]),
+            "mllm": self.processor.rows([s.references for s in samples], [s.caption for s in samples]),
             "pixels": torch.stack([s.pixels for s in samples]),
             "time_ids": torch.tensor([s.time_ids for s in samples], dtype=torch.float32),
             "captions": [s.caption for s in samples],

@@ -19,7 +19,6 @@ optimizer, scheduler and RNG states; the step gives the data position).
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 import shutil
@@ -62,22 +61,31 @@ class TrainingModel(nn.Module):
         self.unet = unet
         self.train_mllm = train_mllm
 
-    def reference_tokens(self, mllm: dict[str, torch.Tensor]) -> torch.Tensor:
+    def reference_tokens(self, mllm: dict[str, Any]) -> torch.Tensor | list[torch.Tensor]:
+        """Each sample's conditioning tokens, as the adapter's aggregation computes them at inference."""
         encoder = self.encoder
         with torch.set_grad_enabled(self.train_mllm and torch.is_grad_enabled()):
             prefix = encoder.backbone(mllm["input_ids"], mllm["attention_mask"], mllm["pixel_values"],
                                       mllm["image_grid_thw"])
-        states = encoder.head(prefix.to(encoder.dtype), mllm["attention_mask"])
-        return encoder.projection(states)
+        return encoder.aggregate(prefix.to(encoder.dtype), mllm["input_ids"], mllm["attention_mask"],
+                                 mllm.get("group_sizes"))
 
-    def forward(self, mllm: dict[str, torch.Tensor], noisy_latents: torch.Tensor, timesteps: torch.Tensor,
-                prompt_embeds: torch.Tensor, pooled_embeds: torch.Tensor, time_ids: torch.Tensor) -> torch.Tensor:
-        tokens = self.reference_tokens(mllm)
+    def _predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, prompt_embeds: torch.Tensor,
+                 pooled_embeds: torch.Tensor, time_ids: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         dtype = self.unet.conv_in.weight.dtype  # frozen UNet weights may be in half precision
         added = {"text_embeds": pooled_embeds.to(dtype), "time_ids": time_ids.to(dtype),
                  "image_embeds": [tokens.to(dtype).unsqueeze(1)]}
         return self.unet(noisy_latents.to(dtype), timesteps, encoder_hidden_states=prompt_embeds.to(dtype),
                          added_cond_kwargs=added, return_dict=False)[0]
+
+    def forward(self, mllm: dict[str, Any], noisy_latents: torch.Tensor, timesteps: torch.Tensor,
+                prompt_embeds: torch.Tensor, pooled_embeds: torch.Tensor, time_ids: torch.Tensor) -> torch.Tensor:
+        tokens = self.reference_tokens(mllm)
+        if isinstance(tokens, list):  # concat: token counts differ between samples, so one UNet call each
+            return torch.cat([self._predict(noisy_latents[i:i + 1], timesteps[i:i + 1], prompt_embeds[i:i + 1],
+                                            pooled_embeds[i:i + 1], time_ids[i:i + 1], t)
+                              for i, t in enumerate(tokens)])
+        return self._predict(noisy_latents, timesteps, prompt_embeds, pooled_embeds, time_ids, tokens)
 
 
 # -- building the model ---------------------------------------------------------------------------
@@ -110,10 +118,10 @@ def load_pipeline(opts: TrainOptions) -> EasyRefPipeline:
                                      f"the --init adapter {opts.init}")
         rank = current or opts.lora_rank or DEFAULT_LORA_RANK
         unet_adapter.add_lora(pipe.base.unet, rank)
-        pipe.config = dataclasses.replace(pipe.config, lora_rank=rank)
-    if pipe.config.aggregation != "tokens":
-        raise InvalidArgumentError(f"training supports aggregation 'tokens' (EasyRef), the adapter has "
-                                   f"{pipe.config.aggregation!r}")
+        pipe.set_config(lora_rank=rank)
+    if opts.aggregation is not None and opts.aggregation != pipe.config.aggregation:
+        # The three aggregations use the same parameters; only how they are combined differs.
+        pipe.set_aggregation(opts.aggregation)
     return pipe
 
 
@@ -169,7 +177,7 @@ def training_loss(model: nn.Module, pipe: EasyRefPipeline, noise_scheduler, batc
             target = noise
         prompt_embeds, _, pooled, _ = base.encode_prompt(batch["captions"], device=device, num_images_per_prompt=1,
                                                           do_classifier_free_guidance=False)
-    mllm = {key: value.to(device) for key, value in batch["mllm"].items()}
+    mllm = {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch["mllm"].items()}
     prediction = model(mllm, noisy, timesteps, prompt_embeds, pooled, batch["time_ids"].to(device))
     return F.mse_loss(prediction.float(), target.float())
 

@@ -12,13 +12,13 @@ import math
 from pathlib import Path
 from typing import Any
 
+from easyref.config import AGGREGATIONS, REFERENCE_ATTENTIONS
 from easyref.errors import InvalidArgumentError, ModelFormatError
 from easyref.training import stages
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 DEFAULT_LORA_RANK = 128  # the release's
-REFERENCE_ATTENTIONS = ("bidirectional", "causal")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +106,8 @@ class TrainOptions:
     num_final_layers: int | None = None
     cond_image_size: int | None = None
     reference_attention: str | None = None
+    # None: the --init adapter's aggregation (a new adapter: tokens); may change an --init adapter's.
+    aggregation: str | None = None
     progress: bool = True
     # Debug: after this step's checkpoint, every process stops and waits to be killed (tests of --resume).
     pause_after_steps: int | None = None
@@ -167,6 +169,8 @@ class TrainOptions:
             raise InvalidArgumentError("--lora-rank applies to stages single and multi (stage align trains no LoRA)")
         if self.lora_rank is not None and self.lora_rank < 1:
             raise InvalidArgumentError(f"--lora-rank must be a positive integer, got {self.lora_rank}")
+        if self.aggregation is not None and self.aggregation not in AGGREGATIONS:
+            raise InvalidArgumentError(f"--aggregation must be one of {', '.join(AGGREGATIONS)}")
         if self.reference_attention is not None and self.reference_attention not in REFERENCE_ATTENTIONS:
             raise InvalidArgumentError(f"--reference-attention must be one of {', '.join(REFERENCE_ATTENTIONS)}")
         if not 0 <= self.seed < 2**32:
