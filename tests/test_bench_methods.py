@@ -13,7 +13,8 @@ from easyref.bench.generation_commands import add_run_commands
 from easyref.bench.manifest import load_manifest
 from easyref.bench.methods import METHODS, IPAdapterMethod, make_method
 from easyref.errors import InvalidArgumentError
-from easyref.tiny import TINY_IP_ADAPTER_WEIGHTS, write_tiny_ip_adapter
+from easyref.ip_adapter_format import WEIGHT_NAME
+from easyref.tiny import write_tiny_ip_adapter
 
 from conftest import fast_cpu_maths
 
@@ -102,7 +103,7 @@ def test_ip_adapter_feeds_the_mean_of_per_image_embeddings(options, groups, tiny
 
 
 def test_ip_adapter_loads_from_the_weight_file_itself(tiny_model, tiny_ip_adapter):
-    pipe = IPAdapterMethod.load(tiny_model / "base", tiny_ip_adapter / TINY_IP_ADAPTER_WEIGHTS, device="cpu",
+    pipe = IPAdapterMethod.load(tiny_model / "base", tiny_ip_adapter / WEIGHT_NAME, device="cpu",
                                 torch_dtype="float32")
     assert len(pipe.unet.encoder_hid_proj.image_projection_layers) == 1
 

@@ -44,6 +44,8 @@ from transformers.image_utils import (
     OPENAI_CLIP_STD,
 )
 
+from easyref import ip_adapter_format
+
 # A few merges so the tokenizers exercise real BPE merging, not only single bytes.
 _CLIP_MERGES = [("t", "h"), ("th", "e</w>"), ("a", "n"), ("an", "d</w>"), ("o", "f</w>"), ("i", "n")]
 # "Ġ" is the byte-level symbol for a space: GPT-2 style vocabularies merge it into the word after it.
@@ -322,50 +324,23 @@ def write_tiny_dinov2(folder: Path, seed: int = 0) -> None:
     ).save_pretrained(folder)
 
 
-# The weight file name diffusers' users pass for IP-Adapter-SDXL (h94/IP-Adapter, sdxl_models/), so a
-# tiny folder loads with the same defaults as the real one.
-TINY_IP_ADAPTER_WEIGHTS = "ip-adapter_sdxl.safetensors"
-# What diffusers' ImageProjection (the plain IP-Adapter) turns one image embedding into.
-IP_ADAPTER_TOKENS = 4
-
-
 def write_tiny_ip_adapter(folder: Path, base_folder: Path, seed: int = 0) -> Path:
     """Write a tiny IP-Adapter-SDXL for the tiny base in ``base_folder``: ``image_encoder/`` + weights.
 
-    ``image_encoder/`` is a ``CLIPVisionModelWithProjection`` (32x32 images, width 32). The weight file
-    is in the original IP-Adapter layout that diffusers' ``load_ip_adapter`` reads:
-    ``image_proj.proj`` (embedding -> 4 tokens of the UNet's cross-attention width) and
-    ``image_proj.norm``, then ``ip_adapter.{k}.to_k_ip`` / ``to_v_ip`` for the UNet's cross-attention
-    layers in ``unet.attn_processors`` order, numbered 1, 3, 5, ... (the original numbering counts
-    self- and cross-attention alike, so cross-attention gets the odd numbers; diffusers'
-    ``_convert_ip_adapter_attn_to_diffusers`` reads them that way). ``to_k_ip`` / ``to_v_ip`` start as
-    copies of the layer's ``to_k`` / ``to_v``, as IP-Adapter training does, so the image path
-    attends like the text path.
+    ``image_encoder/`` is a ``CLIPVisionModelWithProjection`` (32x32 images, width 32); the weights
+    are a fresh adapter in the original layout (:mod:`easyref.ip_adapter_format`) that diffusers'
+    ``load_ip_adapter`` reads.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
                               image_size=32, patch_size=8, projection_dim=32)
     torch.manual_seed(seed)
-    CLIPVisionModelWithProjection(config).save_pretrained(folder / "image_encoder")
-
+    CLIPVisionModelWithProjection(config).save_pretrained(folder / ip_adapter_format.IMAGE_ENCODER_FOLDER)
     unet = UNet2DConditionModel.from_pretrained(Path(base_folder) / "unet")
-    cross = unet.config.cross_attention_dim
-    torch.manual_seed(seed)
-    proj = torch.nn.Linear(config.projection_dim, IP_ADAPTER_TOKENS * cross)
-    norm = torch.nn.LayerNorm(cross)
-    state = {"image_proj.proj.weight": proj.weight, "image_proj.proj.bias": proj.bias,
-             "image_proj.norm.weight": norm.weight, "image_proj.norm.bias": norm.bias}
-    cross_layers = [name.removesuffix(".processor") for name in unet.attn_processors
-                    if not name.endswith("attn1.processor")]
-    for k, name in enumerate(cross_layers):
-        attn = unet.get_submodule(name)
-        state[f"ip_adapter.{2 * k + 1}.to_k_ip.weight"] = attn.to_k.weight
-        state[f"ip_adapter.{2 * k + 1}.to_v_ip.weight"] = attn.to_v.weight
-    save_file({key: value.detach().clone().contiguous() for key, value in state.items()},
-              str(folder / TINY_IP_ADAPTER_WEIGHTS))
+    save_file(ip_adapter_format.initial_state(unet, config.projection_dim, seed=seed),
+              str(folder / ip_adapter_format.WEIGHT_NAME))
     return folder
-
 
 
 # Small enough that every reference becomes 2x2 merged tokens: encoding stays in milliseconds.

@@ -104,6 +104,28 @@ def add_commands(subparsers) -> None:
                     "up to 100%) with 95% Wilson score intervals. All files must compare the same two runs.")
     winrate.add_argument("files", nargs="+", metavar="FILE", help="JSON files saved by the compare page")
 
+    ipa = _command(
+        commands, "train-ip-adapter", cmd_train_ip_adapter, help="train the IP-Adapter baseline for a base model",
+        description="Train an IP-Adapter (diffusers' own, with a CLIP image encoder) for BASE on the image-caption "
+                    "pairs of a release-format data file (records whose image_file is [target], e.g. ShapesWorld's "
+                    "train/stage1.json), the way IP-Adapter was trained: the image is its own reference, text / "
+                    "image / both dropped 5% each, only the projection and to_k_ip / to_v_ip learn. Writes "
+                    "OUTPUT/ip-adapter/ (ip-adapter_sdxl.safetensors + image_encoder/), which 'bench run --method "
+                    "ip-adapter --ip-adapter OUTPUT/ip-adapter' loads; rerunning resumes from OUTPUT/work/.")
+    ipa.add_argument("--base", required=True, metavar="DIR_OR_ID", help="the SDXL base model")
+    ipa.add_argument("--image-encoder", required=True, metavar="DIR_OR_ID",
+                     help="CLIP image encoder (a CLIPVisionModelWithProjection or CLIPModel folder)")
+    ipa.add_argument("--data", required=True, metavar="FILE.json", help="training records (the pairs are used)")
+    ipa.add_argument("--image-root", metavar="DIR", help="folder the records' paths are relative to "
+                                                          "(default: the data file's folder)")
+    ipa.add_argument("--output", required=True, metavar="DIR", help="run folder")
+    ipa.add_argument("--max-steps", type=int, default=2000, metavar="N", help="optimizer steps (default: 2000)")
+    ipa.add_argument("--batch-size", type=int, default=8, metavar="N", help="(default: 8)")
+    ipa.add_argument("--learning-rate", type=float, default=1e-4, metavar="LR", help="(default: 1e-4)")
+    ipa.add_argument("--resolution", type=int, default=1024, metavar="PX", help="square training size (default: 1024)")
+    ipa.add_argument("--seed", type=int, default=0, metavar="N", help="(default: 0)")
+    ipa.add_argument("--no-progress", action="store_true", help="no progress bar")
+
     if importlib.util.find_spec("easyref.bench.generation_commands") is not None:
         from easyref.bench.generation_commands import add_run_commands
 
@@ -116,6 +138,17 @@ def _print_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> Non
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=True)]
     for row in (header, *rows):
         print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+def cmd_train_ip_adapter(args: argparse.Namespace) -> int:
+    from easyref.bench.ip_adapter_training import IPAdapterTraining, train_ip_adapter
+
+    settings = IPAdapterTraining(steps=args.max_steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
+                                 resolution=args.resolution, seed=args.seed)
+    folder = train_ip_adapter(args.base, args.image_encoder, args.data, args.output, settings,
+                              image_root=args.image_root, progress=not args.no_progress)
+    print(f"wrote {folder}; benchmark it with: easyref bench run --method ip-adapter --ip-adapter {folder} ...")
+    return 0
 
 
 def cmd_build(args: argparse.Namespace) -> int:

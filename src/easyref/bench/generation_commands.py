@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from easyref import ip_adapter_format
 from easyref.cli_options import add_device_options, add_model_options
 from easyref.config import AGGREGATIONS
 from easyref.errors import InvalidArgumentError, OutputPathError
@@ -47,7 +48,7 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
                              "h94/IP-Adapter with --ip-adapter-subfolder sdxl_models), or the weight file itself")
     models.add_argument("--ip-adapter-subfolder", default="", metavar="SUB",
                         help="sub-folder of --ip-adapter holding the weights and image_encoder/ (default: none)")
-    models.add_argument("--ip-adapter-weight-name", default="ip-adapter_sdxl.safetensors", metavar="FILE",
+    models.add_argument("--ip-adapter-weight-name", default=ip_adapter_format.WEIGHT_NAME, metavar="FILE",
                         help="IP-Adapter weight file name (default: ip-adapter_sdxl.safetensors)")
     models.add_argument("--image-encoder", metavar="DIR_OR_ID",
                         help="CLIP image encoder (CLIPVisionModelWithProjection) for the ip-adapter method "

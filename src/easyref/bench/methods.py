@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from easyref import ip_adapter_format
 from easyref.bench.manifest import Group
 from easyref.devices import pick_device, pick_dtype
 from easyref.errors import InvalidArgumentError, ModelFormatError
@@ -37,8 +38,6 @@ from easyref.images import load_image
 from easyref.pipeline import EasyRefPipeline
 
 # The weight file and sub-folder of IP-Adapter-SDXL in h94/IP-Adapter, diffusers' documented example.
-IP_ADAPTER_WEIGHT_NAME = "ip-adapter_sdxl.safetensors"
-IMAGE_ENCODER_FOLDER = "image_encoder"
 LORA_ADAPTER_NAME = "bench-lora"
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -98,6 +97,15 @@ def load_plain_sdxl(base: str | Path, device: str | torch.device | None = None,
     pipe = EasyRefPipeline.load_base(base, pick_dtype(torch_dtype, target)).to(target)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def clip_image_processor(encoder: Any):
+    """The image processor diffusers builds for an IP-Adapter's CLIP encoder (its image size, CLIP
+    normalisation), in its PIL flavour so no torchvision is needed."""
+    from transformers import CLIPImageProcessorPil
+
+    size = encoder.config.image_size
+    return CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
 
 
 def _load_group_images(group: Group) -> list[Image.Image]:
@@ -209,7 +217,7 @@ class IPAdapterMethod(Method):
 
     @staticmethod
     def load(base: str | Path, ip_adapter: str | Path, *, subfolder: str = "",
-             weight_name: str = IP_ADAPTER_WEIGHT_NAME, image_encoder: str | Path | None = None,
+             weight_name: str = ip_adapter_format.WEIGHT_NAME, image_encoder: str | Path | None = None,
              device: str | torch.device | None = None, torch_dtype: str | torch.dtype | None = None):
         """A plain SDXL with an IP-Adapter loaded through diffusers' ``load_ip_adapter``.
 
@@ -219,7 +227,7 @@ class IPAdapterMethod(Method):
         built as diffusers builds it (the encoder's image size, CLIP normalisation), in its PIL
         flavour so no torchvision is needed.
         """
-        from transformers import CLIPImageProcessorPil, CLIPVisionModelWithProjection
+        from transformers import CLIPVisionModelWithProjection
 
         source = Path(ip_adapter)
         if source.is_file():
@@ -228,11 +236,10 @@ class IPAdapterMethod(Method):
         if image_encoder is not None:
             encoder = CLIPVisionModelWithProjection.from_pretrained(image_encoder, dtype=pipe.unet.dtype)
         else:
-            encoder = CLIPVisionModelWithProjection.from_pretrained(
-                str(source), subfolder=Path(subfolder, IMAGE_ENCODER_FOLDER).as_posix(), dtype=pipe.unet.dtype)
-        size = encoder.config.image_size
-        processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-        pipe.register_modules(image_encoder=encoder.to(pipe.device), feature_extractor=processor)
+            folder = Path(subfolder, ip_adapter_format.IMAGE_ENCODER_FOLDER).as_posix()
+            encoder = CLIPVisionModelWithProjection.from_pretrained(str(source), subfolder=folder,
+                                                                    dtype=pipe.unet.dtype)
+        pipe.register_modules(image_encoder=encoder.to(pipe.device), feature_extractor=clip_image_processor(encoder))
         pipe.load_ip_adapter(str(source), subfolder=subfolder, weight_name=weight_name, image_encoder_folder=None)
         return pipe
 
@@ -296,7 +303,7 @@ class LoRATuning:
                 f"lora resolution must be a multiple of 8 from 64 to 4096, got {self.resolution}")
 
 
-def _crop_square(image: Image.Image, size: int) -> tuple[torch.Tensor, tuple[int, int]]:
+def crop_square(image: Image.Image, size: int) -> tuple[torch.Tensor, tuple[int, int]]:
     """Resize the short side to ``size`` and centre-crop; pixels in [-1, 1] and the crop's (top, left)."""
     scale = size / min(image.size)
     width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
@@ -367,7 +374,7 @@ class LoRAMethod(Method):
         pipe, size = self.pipe, self.tuning.resolution
         pixels, time_ids = [], []
         for image in _load_group_images(group):
-            tensor, (top, left) = _crop_square(image, size)
+            tensor, (top, left) = crop_square(image, size)
             pixels.append(tensor)
             time_ids.append([image.height, image.width, top, left, size, size])
         vae = pipe.vae

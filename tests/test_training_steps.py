@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from easyref.errors import InvalidArgumentError
-from easyref.shapes.pretraining import LoopSettings, step_generator, step_rng, train
+from easyref.training.steps import LoopSettings, step_generator, step_rng, train
 
 
 def _problem(seed: int):
