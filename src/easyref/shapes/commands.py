@@ -13,9 +13,6 @@ from pathlib import Path
 
 from easyref.cli_options import add_verbose
 
-PRETRAIN_ORDER = ("judge", "clip", "dino", "base", "mllm")
-DONE = "done.json"
-
 
 def _command(subparsers, name: str, handler, help: str, description: str) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(name, help=help, description=description)
@@ -68,12 +65,32 @@ def add_commands(subparsers) -> None:
                     "classifier), 'clip' (CLIPModel), 'dino' (self-supervised Dinov2Model), 'base' (the SDXL "
                     "analogue; needs clip, evaluated by judge), 'mllm' (the Qwen2-VL analogue), or 'all' in that "
                     "order. Finished models are skipped; interrupted ones resume from OUTPUT/work/<model>/.")
-    pretrain.add_argument("model", choices=(*PRETRAIN_ORDER, "all"), help="which model (or all)")
+    pretrain.add_argument("model", choices=("judge", "clip", "dino", "base", "mllm", "all"),
+                          help="which model (or all)")
     pretrain.add_argument("output", metavar="OUTPUT", help="folder for the pretrained set")
     pretrain.add_argument("--steps", type=int, default=None, metavar="N",
                           help="training steps per model (default: each model's full budget; small values are "
                                "for a quick check)")
     pretrain.add_argument("--seed", type=int, default=0, metavar="N", help="training seed (default: 0)")
+
+    reproduce = _command(
+        commands, "reproduce", cmd_reproduce, help="write the world and pretrain everything, in one resumable run",
+        description="Run every ShapesWorld step in order into OUTPUT: world/ (as 'shapes world'), pretrained/ (as "
+                    "'shapes pretrain all') and summary.json with every measured number. Each finished step is "
+                    "skipped when the command is rerun, so an interrupted run continues where it stopped.")
+    reproduce.add_argument("output", metavar="OUTPUT", help="folder for everything (created if missing)")
+    reproduce.add_argument("--quick", action="store_true",
+                           help="tiny budgets everywhere: checks that every step runs, in about a minute; the numbers "
+                                "mean nothing")
+    reproduce.add_argument("--seed", type=int, default=0, metavar="N", help="world and training seed (default: 0)")
+
+    figure = _command(
+        commands, "figure", cmd_figure, help="draw example groups of every split and kind as a PNG",
+        description="Draw example groups (references | target, with caption and shared concept) of every split and "
+                    "kind, hard cases included: the picture in docs/SHAPESWORLD.md.")
+    figure.add_argument("output", metavar="FILE.png", help="image to write")
+    figure.add_argument("--references", type=int, default=5, metavar="N", help="references per row (default: 5)")
+    figure.add_argument("--seed", type=int, default=0, metavar="N", help="world seed (default: 0)")
 
 
 def cmd_world(args: argparse.Namespace) -> int:
@@ -88,45 +105,30 @@ def cmd_world(args: argparse.Namespace) -> int:
     return 0
 
 
-def pretrain_one(name: str, output: Path, steps: int | None, seed: int, progress: bool = True) -> dict:
-    """Pretrain one model into ``output/name`` unless it is done; returns its summary."""
-    from easyref.files import write_json
-
-    done = output / "work" / name / DONE
-    if done.is_file():
-        return json.loads(done.read_text())
-    (output / "work").mkdir(parents=True, exist_ok=True)
-    common = {"steps": steps, "seed": seed, "progress": progress}
-    if name == "judge":
-        from easyref.shapes.judge import pretrain_judge
-        summary = pretrain_judge(output / "judge", **common)
-    elif name == "clip":
-        from easyref.shapes.clip import pretrain_clip
-        summary = pretrain_clip(output / "clip", **common)
-    elif name == "dino":
-        from easyref.shapes.dino import pretrain_dino
-        summary = pretrain_dino(output / "dino", **common)
-    elif name == "base":
-        from easyref.shapes.base import pretrain_base
-        summary = pretrain_base(output / "base", clip=output / "clip", judge=output / "judge", **common)
-    else:
-        from easyref.shapes.mllm import pretrain_mllm
-        summary = pretrain_mllm(output / "mllm", **common)
-    write_json(done, summary)
-    return summary
-
-
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from easyref.errors import InvalidArgumentError
+    from easyref.shapes.reproduce import PRETRAIN_ORDER, pretrain_one
 
     if args.steps is not None and args.steps < 1:
         raise InvalidArgumentError(f"--steps must be at least 1, got {args.steps}")
     output = Path(args.output)
-    names = PRETRAIN_ORDER if args.model == "all" else (args.model,)
-    for name in names:
-        if name == "base" and not (output / "work" / "clip" / DONE).is_file():
-            raise InvalidArgumentError(f"the base model needs the world's CLIP first: "
-                                       f"easyref shapes pretrain clip {output}")
+    for name in PRETRAIN_ORDER if args.model == "all" else (args.model,):
         summary = pretrain_one(name, output, args.steps, args.seed, progress=True)
         print(f"{name}: {json.dumps(summary, sort_keys=True)}")
+    return 0
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from easyref.shapes.reproduce import SUMMARY, reproduce
+
+    reproduce(args.output, quick=args.quick, seed=args.seed)
+    print(f"done: every number is in {Path(args.output) / SUMMARY}")
+    return 0
+
+
+def cmd_figure(args: argparse.Namespace) -> int:
+    from easyref.shapes.figures import example_groups_figure
+
+    example_groups_figure(args.output, references=args.references, seed=args.seed)
+    print(f"wrote {args.output}")
     return 0

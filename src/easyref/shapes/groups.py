@@ -149,7 +149,7 @@ def _attributes(rng: np.random.Generator, split: str, fixed: dict[str, int]) -> 
             return attributes
 
 
-def _clutter(rng: np.random.Generator, split: str, concept: dict[str, int], background: Attributes,
+def clutter(rng: np.random.Generator, split: str, concept: dict[str, int], background: Attributes,
              count: int) -> list[Shape]:
     """Other objects in cells left free by ``background``'s main object; never the concept's object and,
     outside held-out, never a held-out object or a held-out pattern-on-background combination."""
@@ -198,8 +198,8 @@ def _reference(rng: np.random.Generator, split: str, kind: str, concept: dict[st
     main = place(attributes, rng, max_angle=max_angle)
     count = int(rng.choice(_CLUTTER_COUNTS, p=_CLUTTER_PROBS))
     # In style groups clutter is unrestricted: its random patterns are what leave one view ambiguous.
-    clutter = _clutter(rng, split, concept if kind != "style" else {}, attributes, count)
-    objects = (main, *clutter) if rng.random() < 0.5 else (*clutter, main)
+    others = clutter(rng, split, concept if kind != "style" else {}, attributes, count)
+    objects = (main, *others) if rng.random() < 0.5 else (*others, main)
     return Scene(objects=objects, background=attributes.background, texture=attributes.texture,
                  view=_view(rng, main))
 
