@@ -13,8 +13,8 @@ from easyref.bench.metrics import bootstrap_interval
 from easyref.errors import InvalidArgumentError, ModelFormatError
 from easyref.shapes import judge as shapes_judge
 from easyref.shapes.judge import Judgement, ShapesJudge, score_judgement, summarize_scores
-from easyref.shapes.pretraining import step_rng
 from easyref.shapes.world import ATTRIBUTES, clean_scene, random_attributes, render
+from easyref.training.steps import step_rng
 
 from conftest import fast_cpu_maths
 

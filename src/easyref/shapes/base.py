@@ -8,7 +8,7 @@ Everything EasyRef touches has SDXL's shape, at a size a CPU trains in minutes::
               text_encoder_2's projected pooled output + (original size, crop, target size) → "text_time"
     64x64 image ─ AutoencoderKL (4x down) ─ 16x16x4 latents ─ UNet2DConditionModel (epsilon, SDXL betas)
 
-Two stages run on the shared loop (:func:`easyref.shapes.pretraining.train`), each in its own work
+Two stages run on the shared loop (:func:`easyref.training.steps.train`), each in its own work
 folder so an interrupted run resumes where it stopped:
 
 1. the VAE, as an autoencoder (reconstruction + a small KL) on fresh clean renders; its config's
@@ -42,9 +42,9 @@ from transformers import CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTextModel
 
 from easyref.errors import InvalidArgumentError, ModelFormatError
 from easyref.files import atomic_folder, write_json
-from easyref.shapes.pretraining import LoopSettings, step_generator, step_rng, train
 from easyref.shapes.splits import is_held_out, random_train_attributes
 from easyref.shapes.world import ATTRIBUTES, IMAGE_SIZE, PATTERNS, Attributes, clean_scene, random_attributes, render
+from easyref.training.steps import LoopSettings, step_generator, step_rng, train
 
 LATENT_CHANNELS = 4
 VAE_DOWNSCALE = 4  # 64x64 pixels -> 16x16 latents

@@ -35,10 +35,10 @@ from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPTextC
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from easyref.files import atomic_folder, write_json
-from easyref.shapes.pretraining import LoopSettings, step_rng, train
 from easyref.shapes.splits import is_held_out, random_train_attributes
 from easyref.shapes.vocab import clip_tokenizer
 from easyref.shapes.world import ATTRIBUTES, IMAGE_SIZE, Attributes, View, clean_scene, random_attributes, render
+from easyref.training.steps import LoopSettings, step_rng, train
 
 NAME = "clip"
 STEPS = 400

@@ -37,7 +37,6 @@ from easyref.shapes.clip import (
     to_pixels,
 )
 from easyref.shapes.groups import clutter
-from easyref.shapes.pretraining import LoopSettings, step_rng, train
 from easyref.shapes.world import (
     ATTRIBUTES,
     IMAGE_SIZE,
@@ -50,6 +49,7 @@ from easyref.shapes.world import (
     place,
     render,
 )
+from easyref.training.steps import LoopSettings, step_rng, train
 
 NAME = "dino"
 WIDTH = 64

@@ -41,7 +41,6 @@ from easyref.bench.metrics import bootstrap_interval
 from easyref.errors import InvalidArgumentError, ModelFormatError
 from easyref.files import atomic_folder, write_json
 from easyref.images import ImageSource, load_image
-from easyref.shapes.pretraining import LoopSettings, step_rng, train
 from easyref.shapes.splits import is_held_out, random_train_attributes
 from easyref.shapes.world import (
     ATTRIBUTES,
@@ -54,6 +53,7 @@ from easyref.shapes.world import (
     random_attributes,
     render,
 )
+from easyref.training.steps import LoopSettings, step_rng, train
 
 _T = TypeVar("_T")
 JudgeImage = ImageSource | np.ndarray   # a PIL image, an image file, or a uint8 (H, W, 3) array

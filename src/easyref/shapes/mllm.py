@@ -40,9 +40,9 @@ from easyref.errors import InvalidArgumentError
 from easyref.files import atomic_folder, write_json
 from easyref.prompting import IMAGE_PAD, ReferenceProcessor
 from easyref.shapes.groups import DESCRIBE, QUESTION, concept_text, sample_group
-from easyref.shapes.pretraining import LoopSettings, step_rng, train
 from easyref.shapes.splits import random_train_attributes
 from easyref.shapes.world import ATTRIBUTES, Attributes, View, clean_scene, random_attributes, render
+from easyref.training.steps import LoopSettings, step_rng, train
 
 # EasyRef's adapter reads 64x64 references at this size: 8x8 patches of 7 px, 16 merged tokens each.
 COND_IMAGE_SIZE = 56
