@@ -80,8 +80,8 @@ def add_commands(subparsers) -> None:
                     "skipped when the command is rerun, so an interrupted run continues where it stopped.")
     reproduce.add_argument("output", metavar="OUTPUT", help="folder for everything (created if missing)")
     reproduce.add_argument("--quick", action="store_true",
-                           help="tiny budgets everywhere: checks that every step runs, in about a minute; the numbers "
-                                "mean nothing")
+                           help="tiny training budgets everywhere (evaluations keep their size, so it still takes "
+                                "minutes): checks that every step runs; the numbers mean nothing")
     reproduce.add_argument("--seed", type=int, default=0, metavar="N", help="world and training seed (default: 0)")
 
     figure = _command(

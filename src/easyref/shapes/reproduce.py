@@ -8,8 +8,8 @@ redone::
     OUTPUT/pretrained/     judge, clip, dino, base, mllm (+ work/ with checkpoints and logs)
     OUTPUT/summary.json    every number, for docs/SHAPESWORLD.md
 
-``quick=True`` shrinks every budget to seconds: the same code paths, for tests and for checking
-an installation, with numbers that mean nothing.
+``quick=True`` shrinks every training budget to a few steps (evaluations keep their size): the
+same code paths, for checking an installation, with numbers that mean nothing.
 """
 
 from __future__ import annotations
