@@ -8,23 +8,26 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText
 
+from easyref.errors import InvalidArgumentError
 from easyref.pipeline import EasyRefPipeline
 from easyref.prompting import IMAGE_PAD, ReferenceProcessor
 from easyref.shapes import mllm
+from easyref.shapes.vocab import qwen_tokenizer
 from easyref.tiny import write_tiny_base
+from easyref.training.steps import LoopSettings
 
 from conftest import fast_cpu_maths
 
 SEED = 2
 # A few seconds of training: the smallest model that still has EasyRef's shape (a last layer to copy).
 TINY = mllm.MllmSettings(vision_embed_dim=32, vision_depth=1, vision_heads=2, hidden_size=64, intermediate_size=128,
-                         num_layers=2, num_heads=4, num_kv_heads=2, steps=40, vision_fraction=0.25,
-                         vision_batch=8, group_rows=4, caption_rows=4, learning_rate=3e-3, warmup_steps=4)
+                         num_layers=2, num_heads=4, num_kv_heads=2, steps=24, vision_fraction=0.25,
+                         vision_batch=8, group_rows=3, caption_rows=3, learning_rate=3e-3, warmup_steps=2)
 
 
 @pytest.fixture(scope="module")
 def processor():
-    return mllm.question_processor(mllm.tokenizer(), mllm.image_processor())
+    return mllm.question_processor(qwen_tokenizer(), mllm.image_processor())
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +84,8 @@ def test_short_training_lowers_the_answer_loss(trained, processor, one_thread):
     model = AutoModelForImageTextToText.from_pretrained(folder).eval()
     with torch.no_grad():
         before, after = mllm.answer_loss(untrained, batch), mllm.answer_loss(model, batch)
-    assert after < 0.6 * before
-    assert summary["steps"] == TINY.steps and summary["vision_steps"] == 10
+    assert after < 0.7 * before
+    assert summary["steps"] == TINY.steps and summary["vision_steps"] == 6
     quality = summary["quality"]
     assert set(quality["held_in"]) == {"1", "2", "4", "8"}
     assert all(0.0 <= value <= 1.0 for value in quality["held_in"].values())
@@ -115,3 +118,12 @@ def test_folder_works_as_easyref_mllm(trained, tmp_path, one_thread):
     embeds = pipe.encode_references(list(group.images), "a large object at the top")
     assert embeds.shape == (1, pipe.config.num_reference_tokens, pipe.config.cross_attention_dim)
     assert torch.isfinite(embeds).all()
+
+
+def test_each_phase_gets_its_own_learning_rate_schedule():
+    settings = LoopSettings(steps=100, learning_rate=1.0, warmup_steps=5, restarts=(40,))
+    plain = LoopSettings(steps=60, learning_rate=1.0, warmup_steps=5)
+    assert settings.rate_factor(39) == pytest.approx(0.1, abs=0.01)
+    assert [settings.rate_factor(40 + step) for step in range(60)] == [plain.rate_factor(step) for step in range(60)]
+    with pytest.raises(InvalidArgumentError):
+        LoopSettings(steps=10, learning_rate=1.0, restarts=(10,))

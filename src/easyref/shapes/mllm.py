@@ -41,6 +41,7 @@ from easyref.files import atomic_folder, write_json
 from easyref.prompting import IMAGE_PAD, ReferenceProcessor
 from easyref.shapes.groups import DESCRIBE, QUESTION, concept_text, sample_group
 from easyref.shapes.splits import random_train_attributes
+from easyref.shapes.vocab import qwen_tokenizer
 from easyref.shapes.world import ATTRIBUTES, Attributes, View, clean_scene, random_attributes, render
 from easyref.training.steps import LoopSettings, step_rng, train
 
@@ -61,20 +62,20 @@ class MllmSettings:
     trains a copy of the last. ``steps`` counts both phases; the first ``vision_fraction`` of them
     are the vision warm-up."""
 
-    vision_embed_dim: int = 96
-    vision_depth: int = 3
+    vision_embed_dim: int = 64
+    vision_depth: int = 2
     vision_heads: int = 4
     hidden_size: int = 128
-    intermediate_size: int = 384
+    intermediate_size: int = 256
     num_layers: int = 4
     num_heads: int = 4
     num_kv_heads: int = 2
-    steps: int = 2400
-    vision_fraction: float = 0.5
+    steps: int = 4500
+    vision_fraction: float = 2 / 3
     vision_batch: int = 32
     group_rows: int = 12
     caption_rows: int = 4
-    learning_rate: float = 1e-3
+    learning_rate: float = 2e-3
     warmup_steps: int = 50
 
     @property
@@ -88,17 +89,10 @@ class MllmSettings:
         return int(round(steps * self.vision_fraction))
 
 
-def tokenizer():
-    """The world's Qwen2 tokenizer (every word one token) with Qwen2-VL's special tokens and template."""
-    from easyref.shapes.vocab import qwen_tokenizer
-
-    return qwen_tokenizer()
-
-
-def _reference_config(instruction: str = "") -> EasyRefConfig:
-    # Only the instruction and the image size matter to the processor; the widths are placeholders.
+def _reference_config() -> EasyRefConfig:
+    # No instruction (the question is the whole user text); only the image size matters otherwise.
     return EasyRefConfig(mllm_hidden_size=1, cross_attention_dim=1, cond_image_size=COND_IMAGE_SIZE,
-                         instruction=instruction)
+                         instruction="")
 
 
 def image_processor() -> Qwen2VLImageProcessorPil:
@@ -128,7 +122,8 @@ def build_model(tok, settings: MllmSettings, seed: int = 0) -> Qwen2VLForConditi
         "num_hidden_layers": settings.num_layers,
         "num_attention_heads": settings.num_heads,
         "num_key_value_heads": settings.num_kv_heads,
-        "max_position_embeddings": 1024,
+        # Room for EasyRef's largest group (128 references of 18 tokens each).
+        "max_position_embeddings": 4096,
         "rope_parameters": {"rope_type": "default", "mrope_section": settings.mrope_section, "rope_theta": 1e4},
         "bos_token_id": tok.pad_token_id,
         "eos_token_id": tok.eos_token_id,
@@ -228,21 +223,35 @@ def training_examples(step: int, seed: int, settings: MllmSettings) -> list[Exam
 # -- the vision warm-up -----------------------------------------------------------------------------
 
 class VisionProbe(nn.Module):
-    """Linear heads on the mean and max of an image's merged vision tokens, one per attribute.
+    """Two readers of an image's merged vision tokens, each with a linear output per attribute.
 
-    Max pooling rewards tokens that stand out (the object); mean pooling spreads what the image
-    shows over all its tokens. Both make the language model's job easy later: attending uniformly
-    or to the odd token out both already read the scene.
+    * mean and max over the tokens: learns fast (the max finds the object's parts), but a
+      language model cannot take a per-feature max, and alone it leaves shapes unreadable to it;
+    * one attention query per attribute over the normalised tokens: reads the way a language
+      model's attention head does, so what it learns to find, the MLLM can find too.
     """
 
     def __init__(self, hidden_size: int) -> None:
         super().__init__()
         self.sizes = [len(ATTRIBUTES[name]) for name in WARMUP_ATTRIBUTES]
-        self.head = nn.Sequential(nn.LayerNorm(2 * hidden_size), nn.Linear(2 * hidden_size, sum(self.sizes)))
+        self.pooled = nn.Sequential(nn.LayerNorm(2 * hidden_size), nn.Linear(2 * hidden_size, sum(self.sizes)))
+        self.norm = nn.LayerNorm(hidden_size)
+        self.keys = nn.Linear(hidden_size, hidden_size)
+        self.queries = nn.Parameter(0.02 * torch.randn(len(self.sizes), hidden_size))
+        self.outputs = nn.ModuleList(nn.Linear(hidden_size, size) for size in self.sizes)
 
     def forward(self, tokens: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
-        pooled = torch.stack([torch.cat([chunk.mean(0), chunk.amax(0)]) for chunk in tokens.split(counts)])
-        return list(self.head(pooled).split(self.sizes, dim=-1))
+        """Logits of both readers, attribute by attribute: [pooled..., attention...]."""
+        chunks = tokens.split(counts)
+        pooled = torch.stack([torch.cat([chunk.mean(0), chunk.amax(0)]) for chunk in chunks])
+        read = []
+        for chunk in chunks:
+            values = self.norm(chunk)
+            weights = torch.softmax(self.queries @ self.keys(values).T / values.shape[-1] ** 0.5, dim=-1)
+            read.append(weights @ values)
+        read = torch.stack(read)
+        attended = [out(read[:, i]) for i, out in enumerate(self.outputs)]
+        return [*self.pooled(pooled).split(self.sizes, dim=-1), *attended]
 
 
 class _Pretraining(nn.Module):
@@ -256,14 +265,14 @@ class _Pretraining(nn.Module):
 
 def vision_loss(mllm: Qwen2VLForConditionalGeneration, probe: VisionProbe, processor: ReferenceProcessor,
                 rng: np.random.Generator, batch: int) -> torch.Tensor:
-    """Mean cross-entropy of the probe's attribute predictions on single scenes."""
+    """Mean cross-entropy of both probe readers' attribute predictions on single scenes."""
     scenes = [single_scene(rng) for _ in range(batch)]
     inputs = processor.images([image for _, image in scenes])
     tokens = mllm.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]).pooler_output
     counts = (inputs["image_grid_thw"].prod(-1) // MERGE_SIZE**2).tolist()
-    logits = probe(tokens, counts)
-    losses = [nn.functional.cross_entropy(out, torch.tensor([getattr(a, name) for a, _ in scenes]))
-              for name, out in zip(WARMUP_ATTRIBUTES, logits, strict=True)]
+    labels = [torch.tensor([getattr(a, name) for a, _ in scenes]) for name in WARMUP_ATTRIBUTES]
+    losses = [nn.functional.cross_entropy(out, target) for out, target in zip(probe(tokens, counts), 2 * labels,
+                                                                              strict=True)]
     return torch.stack(losses).mean()
 
 
@@ -399,7 +408,7 @@ def pretrain_mllm(output: Path, *, steps: int | None = None, seed: int = 0, prog
         raise InvalidArgumentError(f"steps must be at least 1, got {steps}")
     output = Path(output)
     work_dir = Path(work_dir) if work_dir is not None else output.parent / "work" / output.name
-    tok = tokenizer()
+    tok = qwen_tokenizer()
     processor = question_processor(tok, image_processor())
     mllm = build_model(tok, settings, seed)
     bundle = _Pretraining(mllm)
@@ -410,8 +419,10 @@ def pretrain_mllm(output: Path, *, steps: int | None = None, seed: int = 0, prog
             return vision_loss(mllm, bundle.probe, processor, step_rng(seed, step), settings.vision_batch)
         return answer_loss(mllm, teacher_forcing_batch(processor, training_examples(step, seed, settings)))
 
+    # Each phase gets its own warmup and decay: the language model starts learning only in the second.
     loop = LoopSettings(steps=steps, learning_rate=settings.learning_rate, seed=seed,
-                        warmup_steps=min(settings.warmup_steps, steps // 10))
+                        warmup_steps=min(settings.warmup_steps, steps // 10),
+                        restarts=(vision_steps,) if 0 < vision_steps < steps else ())
     training = train("mllm", bundle, step_loss, loop, work_dir, progress=progress)
     save_mllm(mllm, processor, output)
     summary = {"settings": dataclasses.asdict(settings), "steps": steps, "vision_steps": vision_steps,

@@ -40,7 +40,11 @@ _STATE = "state.json"
 
 @dataclasses.dataclass
 class LoopSettings:
-    """How long and how fast to train. ``schedule="cosine"`` decays the rate to 10% by the last step."""
+    """How long and how fast to train. ``schedule="cosine"`` decays the rate to 10% by the last step.
+
+    ``restarts`` are steps where the schedule starts over (warmup, then decay to the next restart or
+    the end), for runs made of phases that train different parts, such as a warm-up of one tower.
+    """
 
     steps: int
     learning_rate: float
@@ -50,6 +54,7 @@ class LoopSettings:
     weight_decay: float = 0.0
     warmup_steps: int = 0
     schedule: str = "cosine"
+    restarts: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -58,13 +63,18 @@ class LoopSettings:
             raise InvalidArgumentError(f"learning rate must be positive, got {self.learning_rate}")
         if self.schedule not in ("cosine", "constant"):
             raise InvalidArgumentError(f"schedule must be cosine or constant, got {self.schedule!r}")
+        if any(not 0 < restart < self.steps for restart in self.restarts):
+            raise InvalidArgumentError(f"restarts must lie between 0 and {self.steps}, got {self.restarts}")
 
     def rate_factor(self, step: int) -> float:
+        start = max((r for r in self.restarts if r <= step), default=0)
+        end = min((r for r in self.restarts if r > step), default=self.steps)
+        step -= start
         if step < self.warmup_steps:
             return (step + 1) / self.warmup_steps
         if self.schedule == "constant":
             return 1.0
-        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
+        progress = (step - self.warmup_steps) / max(1, end - start - self.warmup_steps)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
