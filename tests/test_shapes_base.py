@@ -12,6 +12,7 @@ from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 from transformers import CLIPModel
 
+from easyref.errors import InvalidArgumentError
 from easyref.shapes import base, clip, vocab
 from easyref.shapes.judge import ShapesJudge
 from easyref.shapes.splits import is_held_out
@@ -93,6 +94,15 @@ def test_text_encoders_are_the_clip_text_tower(pretrained):
         hidden = world_clip.text_model(ids, output_hidden_states=True).hidden_states[-2]
         torch.testing.assert_close(pipe.text_encoder_2(ids).text_embeds, expected.pooler_output)
         torch.testing.assert_close(pipe.text_encoder(ids, output_hidden_states=True).hidden_states[-2], hidden)
+
+
+def test_a_rerun_reuses_the_finished_vae_and_refuses_other_settings(pretrained):
+    folder, summary = pretrained
+    vae, again = base.train_vae(SMALL.with_steps(STEPS), folder / "work" / "base-vae", SEED, progress=False)
+    assert again == summary["vae"]
+    assert vae.config.scaling_factor == summary["vae"]["scaling_factor"]
+    with pytest.raises(InvalidArgumentError, match="other settings"):
+        base.train_vae(SMALL.with_steps(STEPS + 1), folder / "work" / "base-vae", SEED, progress=False)
 
 
 def test_vae_batches_are_a_function_of_the_step():

@@ -24,6 +24,7 @@ uses training combinations only (:func:`easyref.shapes.splits.random_train_attri
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -59,6 +60,7 @@ EVAL_CAPTIONS = 200
 GRID_IMAGES = 24
 GRID_FILE = "samples.png"
 QUALITY_FILE = "quality.json"
+FINISHED_VAE = "vae"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,8 +79,8 @@ class BaseSettings:
     unet_heads: tuple[int, ...] = (1, 2)
     unet_layers_per_block: int = 1
     unet_norm_groups: int = 8
-    unet_steps: int = 3000
-    unet_batch: int = 64
+    unet_steps: int = 2500
+    unet_batch: int = 32
     unet_learning_rate: float = 1e-3
     unet_warmup_steps: int = 100
     caption_dropout: float = 0.1
@@ -251,15 +253,33 @@ def reconstruction_report(vae: AutoencoderKL, seed: int, count: int) -> dict:
     return report
 
 
+def _vae_settings(settings: BaseSettings) -> dict:
+    """The settings the VAE depends on, as JSON reads them back (lists, not tuples)."""
+    return {key: list(value) if isinstance(value, tuple) else value
+            for key, value in dataclasses.asdict(settings).items() if key.startswith("vae_")}
+
+
 def train_vae(settings: BaseSettings, work_dir: Path, seed: int, progress: bool) -> tuple[AutoencoderKL, dict]:
+    """Train (or resume) the VAE in ``work_dir``; the finished VAE is kept in ``work_dir/vae`` so that a rerun
+    interrupted in the UNet stage goes straight back to it."""
+    finished = work_dir / FINISHED_VAE
+    if (finished / "config.json").is_file():
+        summary = json.loads((finished / QUALITY_FILE).read_text())
+        if summary["settings"] != _vae_settings(settings) or summary["seed"] != seed:
+            raise InvalidArgumentError(f"{finished} holds a VAE trained with other settings; delete it to start over")
+        return AutoencoderKL.from_pretrained(finished).requires_grad_(False).eval(), summary
     torch.manual_seed(seed)
     vae = build_vae(settings)
     loop = LoopSettings(steps=settings.vae_steps, learning_rate=settings.vae_learning_rate, seed=seed)
     summary = train("base-vae", vae, vae_step_loss(vae, settings, seed), loop, work_dir, progress)
     vae.requires_grad_(False).eval()
     vae.register_to_config(scaling_factor=latent_scaling_factor(vae, seed, settings.vae_eval_images))
-    report = reconstruction_report(vae, seed, settings.vae_eval_images)
-    return vae, {**summary, **report, "scaling_factor": vae.config.scaling_factor}
+    summary = {**summary, **reconstruction_report(vae, seed, settings.vae_eval_images),
+               "scaling_factor": vae.config.scaling_factor, "settings": _vae_settings(settings), "seed": seed}
+    with atomic_folder(finished) as staging:
+        vae.save_pretrained(staging)
+        write_json(staging / QUALITY_FILE, summary)
+    return vae, summary
 
 
 # -- stage 2: the UNet ----------------------------------------------------------------------------
