@@ -8,8 +8,8 @@ redone::
     OUTPUT/pretrained/     judge, clip, dino, base, mllm (+ work/ with checkpoints and logs)
     OUTPUT/summary.json    every number, for docs/SHAPESWORLD.md
 
-``quick=True`` shrinks every training budget to a few steps (evaluations keep their size): the
-same code paths, for checking an installation, with numbers that mean nothing.
+``quick=True`` shrinks every training budget to a few steps and every evaluation to a handful of
+items: the same code paths, for checking an installation, with numbers that mean nothing.
 """
 
 from __future__ import annotations
@@ -26,18 +26,28 @@ SUMMARY = "summary.json"
 QUICK_WORLD = WorldSettings(pairs=16, crops=8, groups=8, train_references=3, held_in=4, held_out=6,
                             test_references=4, manifest_references=2)
 QUICK_STEPS = 4
+# Evaluation sizes in quick mode (keyword arguments of each pretrain_<name>).
+QUICK_EVALUATION = {
+    "judge": {"eval_positives": 32, "eval_negatives": 8},
+    "clip": {"eval_scenes": 16},
+    "dino": {"eval_scenes": 16},
+    "base": {"eval_captions": 4},
+    "mllm": {"eval_groups": 4},
+}
 
 
-def pretrain_one(name: str, output: Path, steps: int | None, seed: int, progress: bool = True) -> dict:
+def pretrain_one(name: str, output: Path, steps: int | None, seed: int, progress: bool = True,
+                 quick: bool = False) -> dict:
     """Pretrain one model into ``output/name`` unless ``output/work/name/done.json`` says it is done.
 
     The base model needs the world's CLIP (its text encoders) and is evaluated by the judge.
+    ``quick`` also shrinks the model's evaluation to :data:`QUICK_EVALUATION`.
     """
     done = output / "work" / name / DONE
     if done.is_file():
         return json.loads(done.read_text())
     (output / "work").mkdir(parents=True, exist_ok=True)
-    common = {"steps": steps, "seed": seed, "progress": progress}
+    common = {"steps": steps, "seed": seed, "progress": progress, **(QUICK_EVALUATION[name] if quick else {})}
     if name == "judge":
         from easyref.shapes.judge import pretrain_judge
         summary = pretrain_judge(output / "judge", **common)
@@ -60,20 +70,45 @@ def pretrain_one(name: str, output: Path, steps: int | None, seed: int, progress
         summary = pretrain_mllm(output / "mllm", **common)
     else:
         raise ValueError(f"unknown model {name!r}; one of {PRETRAIN_ORDER}")
+    done.parent.mkdir(parents=True, exist_ok=True)  # the base model's work folders are base-vae/ and base-unet/
     write_json(done, summary)
     return summary
 
 
-def reproduce(output: str | Path, *, quick: bool = False, seed: int = 0, progress: bool = True) -> dict:
-    """Write the world, pretrain every model, and collect their numbers in ``OUTPUT/summary.json``."""
+def reproduce(output: str | Path, *, quick: bool = False, seed: int = 0, progress: bool = True,
+              experiments: bool = True) -> dict:
+    """Write the world, pretrain every model, train and benchmark EasyRef and its baselines, and
+    collect every number: ``OUTPUT/summary.json``, ``OUTPUT/RESULTS.md`` (with ``OUTPUT/images/``)
+    and the bundle-ready model ``OUTPUT/shapesworld/``. ``experiments=False`` stops after part 1."""
     from easyref.shapes.figures import example_groups_figure
 
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     world = write_world(output / "world", QUICK_WORLD if quick else WorldSettings(seed=seed), progress=progress)
     steps = QUICK_STEPS if quick else None
-    models = {name: pretrain_one(name, output / "pretrained", steps, seed, progress) for name in PRETRAIN_ORDER}
+    models = {name: pretrain_one(name, output / "pretrained", steps, seed, progress, quick) for name in PRETRAIN_ORDER}
     example_groups_figure(output / "shapesworld-groups.png", seed=seed)
     summary = {"quick": quick, "seed": seed, "world": world, "pretrained": models}
+    if experiments:
+        summary["experiments"] = run_part_two(output, quick, seed)
     write_json(output / SUMMARY, summary)
     return summary
+
+
+def run_part_two(output: Path, quick: bool, seed: int) -> dict:
+    """EasyRef's stages, ablations and baselines; RESULTS.md; the exported model."""
+    from easyref.shapes.experiments import Recipe, export_model, run_experiments
+    from easyref.shapes.mllm import COND_IMAGE_SIZE, MERGE_SIZE, PATCH_SIZE
+    from easyref.shapes.results import write_results
+
+    recipe = Recipe(seed=seed).quick() if quick else Recipe(seed=seed)
+    world, pretrained = output / "world", output / "pretrained"
+    runs = run_experiments(output / "experiments", world, pretrained, recipe)
+    per_image = (COND_IMAGE_SIZE // (PATCH_SIZE * MERGE_SIZE)) ** 2
+    references = json.loads((world / "world.json").read_text())["settings"]["manifest_references"]
+    tokens = {"easyref": str(recipe.reference_tokens), "easyref-average": str(recipe.reference_tokens),
+              "easyref-concat": f"{references * per_image} ({references} x {per_image})"}
+    command = f"easyref shapes reproduce OUTPUT{' --quick' if quick else ''} --seed {seed}"
+    write_results(runs, output / "RESULTS.md", output / "images", command=command, tokens=tokens)
+    export_model(pretrained, output / "experiments" / "runs" / "multi" / "adapter", output / "shapesworld")
+    return {name: str(run) for name, run in runs.items()}

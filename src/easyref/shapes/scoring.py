@@ -80,7 +80,8 @@ def score_run(run: str | Path, judge, manifest: str | Path | None = None) -> Pat
 def read_scores(run: str | Path) -> list[dict]:
     path = Path(run) / JUDGE_SCORES
     if not path.is_file():
-        raise InvalidArgumentError(f"{run} has no {JUDGE_SCORES}; run 'easyref shapes score {run}' first")
+        raise InvalidArgumentError(f"{run} has no {JUDGE_SCORES}; run 'easyref shapes score {run} --judge JUDGE_DIR' "
+                                   f"first")
     with open(path, newline="") as handle:
         rows = list(csv.DictReader(handle))
     for row in rows:
