@@ -74,15 +74,38 @@ def add_commands(subparsers) -> None:
     pretrain.add_argument("--seed", type=int, default=0, metavar="N", help="training seed (default: 0)")
 
     reproduce = _command(
-        commands, "reproduce", cmd_reproduce, help="write the world and pretrain everything, in one resumable run",
+        commands, "reproduce", cmd_reproduce, help="everything, from nothing, in one resumable run",
         description="Run every ShapesWorld step in order into OUTPUT: world/ (as 'shapes world'), pretrained/ (as "
-                    "'shapes pretrain all') and summary.json with every measured number. Each finished step is "
-                    "skipped when the command is rerun, so an interrupted run continues where it stopped.")
+                    "'shapes pretrain all'), experiments/ (EasyRef's three stages, the aggregation and "
+                    "progressive-training ablations, the IP-Adapter, LoRA and text-only baselines, each trained "
+                    "with 'easyref train' or 'easyref bench train-ip-adapter' and benchmarked with 'easyref bench "
+                    "run'), RESULTS.md with images/, the float16 model shapesworld/ and summary.json with every "
+                    "measured number. Each finished step is skipped when the command is rerun, so an "
+                    "interrupted run continues where it stopped.")
     reproduce.add_argument("output", metavar="OUTPUT", help="folder for everything (created if missing)")
     reproduce.add_argument("--quick", action="store_true",
-                           help="tiny training budgets everywhere (evaluations keep their size, so it still takes "
-                                "minutes): checks that every step runs; the numbers mean nothing")
+                           help="tiny training budgets and evaluations everywhere: checks in a few minutes that "
+                                "every step runs; the numbers mean nothing")
+    reproduce.add_argument("--part-one", action="store_true",
+                           help="stop after the world and the pretrained models (no EasyRef training)")
     reproduce.add_argument("--seed", type=int, default=0, metavar="N", help="world and training seed (default: 0)")
+
+    examples = _command(
+        commands, "examples", cmd_examples, help="write the example groups of the bundled model as image files",
+        description="Write every example group that 'easyref generate --model shapesworld --example NAME' "
+                    "uses into DIR/NAME/: ref-00.png ... (the references), target.png (an image of the concept "
+                    "as the caption asks for it), caption.txt (the prompt) and concept.txt (what the references "
+                    "share). They are rendered from the world's seed, the same pixels on every machine.")
+    examples.add_argument("output", metavar="DIR", help="folder to write (created if missing)")
+
+    score = _command(
+        commands, "score", cmd_score, help="judge the images of benchmark runs on ShapesWorld",
+        description="Read every image of each RUN folder (written by 'easyref bench run' on a ShapesWorld "
+                    "manifest) with the judge: writes RUN/judge.csv (concept, prompt and per-attribute "
+                    "correctness per image) and prints concept / prompt / both accuracy per split with "
+                    "group-bootstrap 95%% intervals.")
+    score.add_argument("runs", nargs="+", metavar="RUN", help="benchmark run folders")
+    score.add_argument("--judge", required=True, metavar="DIR", help="judge folder (OUTPUT/pretrained/judge)")
 
     figure = _command(
         commands, "figure", cmd_figure, help="draw example groups of every split and kind as a PNG",
@@ -121,8 +144,33 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from easyref.shapes.reproduce import SUMMARY, reproduce
 
-    reproduce(args.output, quick=args.quick, seed=args.seed)
+    reproduce(args.output, quick=args.quick, seed=args.seed, experiments=not args.part_one)
     print(f"done: every number is in {Path(args.output) / SUMMARY}")
+    return 0
+
+
+def cmd_examples(args: argparse.Namespace) -> int:
+    from easyref.shapes.examples import example_names, write_example
+
+    for name in example_names():
+        folder = write_example(name, Path(args.output))
+        print(f"{folder}: {(folder / 'caption.txt').read_text().strip()!r} (shared: "
+              f"{(folder / 'concept.txt').read_text().strip()})")
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from easyref.shapes.judge import ShapesJudge
+    from easyref.shapes.scoring import score_run, summarize_run
+
+    judge = ShapesJudge.from_pretrained(args.judge)
+    for run in args.runs:
+        score_run(run, judge)
+        for split, summary in summarize_run(run).items():
+            cells = ", ".join(f"{key[:-3] if key.endswith('_ok') else key} {value['mean']:.3f} "
+                              f"[{value['low']:.3f}, {value['high']:.3f}]"
+                              for key, value in summary.items() if key in ("concept_ok", "prompt_ok", "both"))
+            print(f"{run} {split} ({summary['concept_ok']['groups']} groups): {cells}")
     return 0
 
 

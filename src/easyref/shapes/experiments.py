@@ -1,0 +1,283 @@
+"""ShapesWorld part 2: EasyRef and its baselines trained and benchmarked with the project's own commands.
+
+Every step is the command a user would type, run as a subprocess (``python -m easyref ...``):
+``easyref train`` for EasyRef's three stages and the ablations, ``easyref bench train-ip-adapter``
+for the IP-Adapter baseline, ``easyref bench run`` / ``bench scaling`` for the benchmark. Each
+writes its own resumable folder, so an interrupted :func:`run_experiments` continues where it
+stopped and never redoes finished work::
+
+    OUT/runs/<model>/<stage>/      training runs (adapter/ when finished)
+    OUT/runs/ip-adapter/           the IP-Adapter baseline
+    OUT/bench/<method>/            benchmark run folders, judged into judge.csv
+
+The recipe is the release's (trainable sets per stage, drop rates, truncation, constant learning
+rate, learning rates in the release's 5 : 2 : 1 ratio) scaled to the miniature: 64 px targets,
+56 px references, 16 reference tokens, a rank-8 LoRA, and learning rates 10x the release's because
+the models are ~1000x smaller.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from easyref.errors import EasyRefError
+from easyref.files import atomic_write
+
+BENCH_MANIFEST = "manifest.jsonl"
+SCALING_MANIFEST = "manifest-all.jsonl"
+
+
+class ExperimentError(EasyRefError):
+    """A command of the ShapesWorld experiments failed; its own output says why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StageBudget:
+    """Steps, samples per step and learning rate of one training run."""
+
+    steps: int
+    batch: int
+    learning_rate: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """Everything the experiments train and sample with; the defaults are the full run."""
+
+    resolution: int = 64
+    cond_image_size: int = 56
+    reference_tokens: int = 16
+    lora_rank: int = 8
+    align: StageBudget = StageBudget(steps=1200, batch=16, learning_rate=1e-3)
+    single: StageBudget = StageBudget(steps=300, batch=8, learning_rate=4e-4)
+    multi: StageBudget = StageBudget(steps=900, batch=8, learning_rate=2e-4)
+    ip_adapter: StageBudget = StageBudget(steps=1200, batch=16, learning_rate=1e-3)
+    sampling_steps: int = 20
+    guidance_scale: float = 5.0
+    seed: int = 0
+
+    def quick(self, steps: int = 2) -> Recipe:
+        """Every budget cut to ``steps`` steps of 2 samples: the same commands, for checking an install."""
+        small = {name: StageBudget(steps, 2, getattr(self, name).learning_rate)
+                 for name in ("align", "single", "multi", "ip_adapter")}
+        return dataclasses.replace(self, sampling_steps=2, **small)
+
+
+# Which stages each trained model runs, and the aggregation of its last stage (paper Table 5 trains
+# each variant; the progressive-training ablation drops stage single). Models name the stages
+# they share: a variant reuses the finished adapters of the stages before its own.
+MODELS: dict[str, tuple[tuple[str, str, str], ...]] = {
+    # model: ((stage, run folder, aggregation), ...)
+    "easyref": (("align", "align", "tokens"), ("single", "single", "tokens"), ("multi", "multi", "tokens")),
+    "easyref-average": (("align", "align", "tokens"), ("single", "single", "tokens"),
+                        ("multi", "multi-average", "average")),
+    "easyref-concat": (("align", "align", "tokens"), ("single", "single", "tokens"),
+                       ("multi", "multi-concat", "concat")),
+    "easyref-no-single": (("align", "align", "tokens"), ("multi", "multi-no-single", "tokens")),
+}
+
+
+def easyref_command(args: Sequence[str]) -> None:
+    """Run ``python -m easyref ARGS`` and raise :class:`ExperimentError` if it fails."""
+    command = [sys.executable, "-m", "easyref", *map(str, args)]
+    if subprocess.run(command, check=False).returncode != 0:
+        raise ExperimentError(f"command failed: {' '.join(command)}")
+
+
+def _fresh_or_resumed(run: Path) -> list[str]:
+    """``--resume latest`` for a run folder with a checkpoint; a folder without one is started over."""
+    if any(run.glob("checkpoint-*")):
+        return ["--resume", "latest"]
+    if run.exists():
+        shutil.rmtree(run)
+    return []
+
+
+def train_stage(stage: str, run: Path, data: Path, pretrained: Path, budget: StageBudget, recipe: Recipe, *,
+                init: Path | None = None, aggregation: str = "tokens") -> Path:
+    """One ``easyref train`` run into ``run`` (skipped when ``run/adapter`` exists); returns the adapter."""
+    adapter = run / "adapter"
+    if (adapter / "config.json").is_file():
+        return adapter
+    args = ["train", "--stage", stage, "--base", pretrained / "base", "--mllm", pretrained / "mllm",
+            "--data", data, "--output", run, "--resolution", recipe.resolution,
+            "--max-steps", budget.steps, "--batch-size", budget.batch, "--gradient-accumulation-steps", 1,
+            "--learning-rate", budget.learning_rate, "--save-steps", max(1, budget.steps // 4),
+            "--num-workers", 0, "--seed", recipe.seed, "--aggregation", aggregation]
+    if init is None:
+        args += ["--num-reference-tokens", recipe.reference_tokens, "--cond-image-size", recipe.cond_image_size]
+    else:
+        args += ["--init", init]
+    if stage != "align":
+        args += ["--lora-rank", recipe.lora_rank]
+    easyref_command(args + _fresh_or_resumed(run))
+    return adapter
+
+
+def train_model(name: str, world: Path, pretrained: Path, runs: Path, recipe: Recipe) -> Path:
+    """Train (or finish) every stage of model ``name`` of :data:`MODELS`; returns its final adapter."""
+    data = {"align": world / "train" / "stage1.json", "single": world / "train" / "stage2.json",
+            "multi": world / "train" / "stage3.json"}
+    adapter = None
+    for stage, folder, aggregation in MODELS[name]:
+        adapter = train_stage(stage, runs / folder, data[stage], pretrained, getattr(recipe, stage), recipe,
+                              init=adapter, aggregation=aggregation)
+    return adapter
+
+
+def train_ip_adapter(world: Path, pretrained: Path, runs: Path, recipe: Recipe) -> Path:
+    """The IP-Adapter baseline on the same image-caption pairs, image encoder = the world CLIP."""
+    run = runs / "ip-adapter"
+    weights = run / "ip-adapter"
+    if not weights.is_dir():
+        budget = recipe.ip_adapter
+        easyref_command(["bench", "train-ip-adapter", "--base", pretrained / "base", "--image-encoder",
+                         pretrained / "clip", "--data", world / "train" / "stage1.json", "--output", run,
+                         "--max-steps", budget.steps, "--batch-size", budget.batch,
+                         "--learning-rate", budget.learning_rate, "--resolution", recipe.resolution,
+                         "--seed", recipe.seed])
+    return weights
+
+
+def sampling_args(recipe: Recipe) -> list:
+    return ["--steps", recipe.sampling_steps, "--guidance-scale", recipe.guidance_scale,
+            "--height", recipe.resolution, "--width", recipe.resolution, "--seed", recipe.seed]
+
+
+def method_args(method: str, pretrained: Path, *, adapter: Path | None = None,
+                ip_adapter: Path | None = None) -> list:
+    """``bench run`` arguments selecting a method and its model parts."""
+    args = ["--method", method, "--base", pretrained / "base"]
+    if method == "easyref":
+        args += ["--mllm", pretrained / "mllm", "--adapter", adapter]
+    elif method == "ip-adapter":
+        args += ["--ip-adapter", ip_adapter]
+    return args
+
+
+def bench_run(output: Path, manifest: Path, method: Sequence, recipe: Recipe, limit: int | None = None) -> Path:
+    """``easyref bench run`` into ``output`` (resumes; finished groups are kept)."""
+    args = ["bench", "run", "--bench", manifest, "--output", output, *method, *sampling_args(recipe)]
+    if limit is not None:
+        args += ["--limit", limit]
+    easyref_command(args)
+    return output
+
+
+def subset_manifest(source: Path, target: Path, per_split_kind: int) -> Path:
+    """The first ``per_split_kind`` groups of every (split, kind) of ``source``, written to ``target``.
+
+    ``bench run --limit`` keeps the first groups *by id*, which are all of one split and kind; the
+    costly measurements (scaling curves, per-group LoRA) need every split and kind instead.
+    ``target`` must sit beside ``source``: the lines' image paths are relative to the file.
+    """
+    if target.parent.resolve() != source.parent.resolve():
+        raise ValueError("a subset manifest must sit beside its source (relative image paths)")
+    kept, counts = [], {}
+    for line in source.read_text().splitlines():
+        if not line.strip():
+            continue
+        labels = json.loads(line)["shapes"]
+        key = (labels["split"], labels["kind"])
+        counts[key] = counts.get(key, 0) + 1
+        if counts[key] <= per_split_kind:
+            kept.append(line)
+    atomic_write(target, lambda tmp: tmp.write_text("\n".join(kept) + "\n"))
+    return target
+
+
+def score(run: Path, judge, pretrained: Path) -> None:
+    """Judge every image of ``run`` (``judge.csv``) and add CLIP-I / CLIP-T / DINO-I computed with the
+    world's own encoders (``scores.csv``). Both are recomputed each time: cheap, and never stale."""
+    from easyref.shapes.scoring import score_run
+
+    score_run(run, judge)
+    easyref_command(["bench", "score", "--clip", pretrained / "clip", "--dino", pretrained / "dino", run])
+
+
+# Benchmark runs: method -> trained model (None for the baselines). Ordered by what matters most,
+# so an interrupted run has the main comparison first.
+BENCH_METHODS = ("easyref", "text-only", "ip-adapter", "easyref-average", "easyref-concat", "easyref-no-single")
+SCALING_METHODS = ("easyref", "ip-adapter")
+SCALING_SIZES = (1, 2, 4, 8, 16, 32)
+SCALING_GROUPS = 10   # per split and kind
+LORA_GROUPS = 3       # per split and kind: per-group LoRA tunes a model for every group
+
+
+def run_experiments(output: Path, world: Path, pretrained: Path, recipe: Recipe, *,
+                    methods: Sequence[str] = BENCH_METHODS, scaling: bool = True, lora: bool = True) -> dict:
+    """Train every model ``methods`` needs, benchmark and score them; returns run folders by name.
+
+    ``OUT/bench/<method>`` runs the whole benchmark manifest (4 references per group);
+    ``OUT/scaling/<method>`` the scaling subset at every size of :data:`SCALING_SIZES`;
+    ``OUT/bench/lora`` per-group LoRA on a small subset (it trains for every group).
+    """
+    from easyref.shapes.judge import ShapesJudge
+
+    judge = ShapesJudge.from_pretrained(pretrained / "judge")
+    runs_dir, bench_dir = output / "runs", output / "bench"
+    manifest = world / BENCH_MANIFEST
+    runs: dict[str, Path] = {}
+    ip_adapter = None
+    for method in methods:
+        if method.startswith("easyref"):
+            adapter = train_model(method, world, pretrained, runs_dir, recipe)
+            args = method_args("easyref", pretrained, adapter=adapter)
+        elif method == "ip-adapter":
+            ip_adapter = train_ip_adapter(world, pretrained, runs_dir, recipe)
+            args = method_args("ip-adapter", pretrained, ip_adapter=ip_adapter)
+        else:
+            args = method_args(method, pretrained)
+        runs[method] = bench_run(bench_dir / method, manifest, args, recipe)
+        score(runs[method], judge, pretrained)
+    if lora:
+        subset = subset_manifest(manifest, world / "manifest-lora.jsonl", LORA_GROUPS)
+        runs["lora"] = bench_run(bench_dir / "lora", subset, method_args("lora", pretrained) + [
+            "--lora-resolution", recipe.resolution, "--lora-rank", recipe.lora_rank], recipe)
+        score(runs["lora"], judge, pretrained)
+    if scaling:
+        subset = subset_manifest(world / SCALING_MANIFEST, world / "manifest-scaling.jsonl", SCALING_GROUPS)
+        rendered = json.loads((world / "world.json").read_text())["settings"]["test_references"]
+        sizes = [size for size in SCALING_SIZES if size <= rendered]
+        for method in SCALING_METHODS:
+            if method == "easyref":
+                args = method_args("easyref", pretrained, adapter=runs_dir / "multi" / "adapter")
+            else:
+                args = method_args("ip-adapter", pretrained, ip_adapter=train_ip_adapter(world, pretrained,
+                                                                                        runs_dir, recipe))
+            folder = output / "scaling" / method
+            easyref_command(["bench", "scaling", "--bench", subset, "--output", folder, *args,
+                             *sampling_args(recipe), "--sizes", *sizes])
+            for size in sizes:
+                runs[f"scaling/{method}/{size}"] = folder / f"size-{size}"
+                score_run_judge_only(folder / f"size-{size}", judge)
+    return runs
+
+
+def score_run_judge_only(run: Path, judge) -> None:
+    """Scaling runs are read by the judge only (their curves are of concept accuracy)."""
+    from easyref.shapes.scoring import score_run
+
+    score_run(run, judge)
+
+
+def export_model(pretrained: Path, adapter: Path, folder: Path) -> Path:
+    """The trained EasyRef as one model folder (``base/``, ``mllm/``, ``adapter/``) in float16: what the
+    package bundles as ``shapesworld``. Loading upcasts to the device's dtype (float32 on a CPU)."""
+    import torch
+
+    from easyref.files import atomic_folder
+    from easyref.pipeline import EasyRefPipeline
+
+    pipe = EasyRefPipeline.from_pretrained(base=pretrained / "base", mllm=pretrained / "mllm", adapter=adapter,
+                                           device="cpu")
+    pipe.to(dtype=torch.float16)
+    with atomic_folder(folder) as staging:
+        pipe.save_pretrained(staging)
+    return folder
