@@ -90,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_verbose(gen, default=argparse.SUPPRESS)
     add_model_options(gen)
     _add_reference_options(gen, required=False)
+    gen.add_argument("--example", metavar="NAME",
+                     help="instead of --ref, an example group of the bundled ShapesWorld model (use with "
+                          "--model shapesworld): its 4 references, and its caption as the prompt unless --prompt "
+                          "is given. Names: held-in-identity, held-in-style, held-out-identity, held-out-style, "
+                          "held-out-scene; 'easyref shapes examples DIR' writes them as files (default: none)")
     gen.add_argument("--embeds", metavar="FILE",
                      help="use reference embeds saved by 'easyref encode' instead of --ref; the MLLM is "
                           "then not loaded (default: none)")
@@ -324,9 +329,14 @@ def _maybe_json(text: str) -> Any:
 def cmd_generate(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from easyref.pipeline import check_generation_args
 
-    if args.embeds and args.ref:
-        raise UsageError("give --ref or --embeds, not both")
-    if not args.embeds and not args.ref:
+    if sum(map(bool, (args.embeds, args.ref, args.example))) > 1:
+        raise UsageError("give one of --ref, --example or --embeds")
+    if args.example:
+        from easyref.shapes.examples import example_group, example_images
+
+        example = example_group(args.example)
+        args.prompt = example.caption if args.prompt is None else args.prompt
+    if not args.embeds and not args.ref and not args.example:
         raise UsageError(f"give reference images with --ref (or an embeds file with --embeds) "
                          f"(see '{PROG} generate --help')")
     if args.embeds and args.negative_ref:
@@ -358,7 +368,11 @@ def cmd_generate(args: argparse.Namespace, argv: Sequence[str]) -> int:
         record["embeds"] = {"path": args.embeds, "sha256": sha256_file(args.embeds),
                             "metadata": {key: _maybe_json(value) for key, value in metadata.items()}}
     else:
-        images, record["references"] = _load_group(args.ref)
+        if args.example:
+            images = example_images(example)
+            record["example"] = {"name": args.example, "group": example.id, "caption": example.caption}
+        else:
+            images, record["references"] = _load_group(args.ref)
         if args.negative_ref:
             negative_images, record["negative_references"] = _load_group(args.negative_ref)
 
