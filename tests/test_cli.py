@@ -127,7 +127,8 @@ BAD_GENERATE = {
     "nan scale": (["--ref", "{w}/single.png", "--prompt", "x", "--scale", "nan"], 1, "scale must be a finite"),
     "negative scale": (["--ref", "{w}/single.png", "--prompt", "x", "--scale", "-1"], 1, "scale must be"),
     "steps not int": (["--ref", "{w}/single.png", "--prompt", "x", "--steps", "two"], 2, "invalid int value"),
-    "ref and embeds": (["--ref", "{w}/single.png", "--embeds", "{w}/wrong_dims.safetensors"], 2, "not both"),
+    "ref and embeds": (["--ref", "{w}/single.png", "--embeds", "{w}/wrong_dims.safetensors"], 2,
+                       "one of --ref, --example or --embeds"),
     "garbage embeds": (["--embeds", "{w}/garbage.safetensors"], 1, "not a safetensors file"),
     "embeds keys": (["--embeds", "{w}/no_keys.safetensors"], 1, "has no 'embeds' or 'negative_embeds'"),
     # fails after the model is loaded, inside the pipeline: still nothing written
