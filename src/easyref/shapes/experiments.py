@@ -268,8 +268,9 @@ def score_run_judge_only(run: Path, judge) -> None:
 
 
 def export_model(pretrained: Path, adapter: Path, folder: Path) -> Path:
-    """The trained EasyRef as one model folder (``base/``, ``mllm/``, ``adapter/``) in float16: what the
-    package bundles as ``shapesworld``. Loading upcasts to the device's dtype (float32 on a CPU)."""
+    """The trained EasyRef as one model folder (``base/``, ``mllm/``, ``adapter/``) in float16, plus the
+    world's ``judge/`` to score what it makes: what the package bundles as ``shapesworld``. Loading
+    upcasts to the device's dtype (float32 on a CPU)."""
     import torch
 
     from easyref.files import atomic_folder
@@ -280,4 +281,5 @@ def export_model(pretrained: Path, adapter: Path, folder: Path) -> Path:
     pipe.to(dtype=torch.float16)
     with atomic_folder(folder) as staging:
         pipe.save_pretrained(staging)
+        shutil.copytree(pretrained / "judge", staging / "judge")
     return folder

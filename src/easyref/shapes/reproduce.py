@@ -99,7 +99,7 @@ def run_part_two(output: Path, quick: bool, seed: int) -> dict:
     """EasyRef's stages, ablations and baselines; RESULTS.md; the exported model."""
     from easyref.shapes.experiments import Recipe, export_model, run_experiments
     from easyref.shapes.mllm import COND_IMAGE_SIZE, MERGE_SIZE, PATCH_SIZE
-    from easyref.shapes.results import write_results
+    from easyref.shapes.results import examples_figure, write_results
 
     recipe = Recipe(seed=seed).quick() if quick else Recipe(seed=seed)
     world, pretrained = output / "world", output / "pretrained"
@@ -111,4 +111,5 @@ def run_part_two(output: Path, quick: bool, seed: int) -> dict:
     command = f"easyref shapes reproduce OUTPUT{' --quick' if quick else ''} --seed {seed}"
     write_results(runs, output / "RESULTS.md", output / "images", command=command, tokens=tokens)
     export_model(pretrained, output / "experiments" / "runs" / "multi" / "adapter", output / "shapesworld")
+    examples_figure(output / "shapesworld", output / "images" / "shapesworld-examples.png")
     return {name: str(run) for name, run in runs.items()}

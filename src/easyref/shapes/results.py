@@ -236,3 +236,20 @@ def write_results(runs: dict[str, Path], document: Path, figures: Path, *, comma
         lines += ["## Samples", "", f"![references, then {', '.join(LABELS[m] for m in shown)}]"
                   f"({figures.name}/shapesworld-samples.png)", ""]
     return atomic_write(document, lambda tmp: tmp.write_text("\n".join(lines)))
+
+
+def examples_figure(model: Path, path: Path, *, steps: int = 30, seed: int = 0) -> Path:
+    """The README's picture: each shipped example group's references, then what ``model`` makes of
+    them and their caption (seed ``seed``), exactly as ``easyref generate --example NAME`` does."""
+    from easyref.pipeline import EasyRefPipeline
+    from easyref.shapes.examples import example_group, example_images, example_names
+    from easyref.shapes.figures import rows_figure
+
+    pipe = EasyRefPipeline.from_pretrained(model, device="cpu")
+    rows = []
+    for name in example_names():
+        group = example_group(name)
+        references = example_images(group)
+        image = pipe(references, group.caption, seed=seed, num_inference_steps=steps, progress=False).images[0]
+        rows.append(([references, [image]], f"{name}: \"{group.caption}\""))
+    return rows_figure(rows, path, title="references | EasyRef (bundled shapesworld model)")
