@@ -58,6 +58,7 @@ class Recipe:
     single: StageBudget = StageBudget(steps=300, batch=8, learning_rate=4e-4)
     multi: StageBudget = StageBudget(steps=900, batch=8, learning_rate=2e-4)
     ip_adapter: StageBudget = StageBudget(steps=1200, batch=16, learning_rate=1e-3)
+    lora: StageBudget = StageBudget(steps=500, batch=1, learning_rate=1e-3)  # per group, as bench run tunes it
     sampling_steps: int = 20
     guidance_scale: float = 5.0
     seed: int = 0
@@ -65,7 +66,7 @@ class Recipe:
     def quick(self, steps: int = 2) -> Recipe:
         """Every budget cut to ``steps`` steps of 2 samples: the same commands, for checking an install."""
         small = {name: StageBudget(steps, 2, getattr(self, name).learning_rate)
-                 for name in ("align", "single", "multi", "ip_adapter")}
+                 for name in ("align", "single", "multi", "ip_adapter", "lora")}
         return dataclasses.replace(self, sampling_steps=2, **small)
 
 
@@ -239,7 +240,8 @@ def run_experiments(output: Path, world: Path, pretrained: Path, recipe: Recipe,
     if lora:
         subset = subset_manifest(manifest, world / "manifest-lora.jsonl", LORA_GROUPS)
         runs["lora"] = bench_run(bench_dir / "lora", subset, method_args("lora", pretrained) + [
-            "--lora-resolution", recipe.resolution, "--lora-rank", recipe.lora_rank], recipe)
+            "--lora-resolution", recipe.resolution, "--lora-rank", recipe.lora_rank,
+            "--lora-steps", recipe.lora.steps, "--lora-lr", recipe.lora.learning_rate], recipe)
         score(runs["lora"], judge, pretrained)
     if scaling:
         subset = subset_manifest(world / SCALING_MANIFEST, world / "manifest-scaling.jsonl", SCALING_GROUPS)
