@@ -94,3 +94,26 @@ def test_targets_report_met_and_missed_from_the_numbers():
     # prompt 0.8 held-out: missed; concat beats tokens: missed
     assert verdicts == ["**met**", "**missed**", "**met**", "**missed**", "**missed**"]
     assert "+0.100" in lines[1] and "overlap" in lines[1]
+
+
+def test_concept_share_gives_partial_credit_per_group(tmp_path):
+    from easyref.shapes.scoring import COLUMNS
+
+    rows = [  # identity: shape, colour, pattern; style: background, texture, pattern
+        ("g1", "held-in", "identity", {"shape_ok": True, "colour_ok": True, "pattern_ok": False}),
+        ("g1", "held-in", "identity", {"shape_ok": False, "colour_ok": False, "pattern_ok": False}),
+        ("g2", "held-in", "style", {"background_ok": True, "texture_ok": True, "pattern_ok": True}),
+        ("g3", "held-out", "style", {"background_ok": False, "texture_ok": True, "pattern_ok": False}),
+    ]
+    lines = [",".join(COLUMNS)]
+    for index, (group, split, kind, oks) in enumerate(rows):
+        values = {"group_id": group, "split": split, "kind": kind, "hard": "", "references": "4", "index": str(index),
+                  "concept_ok": "False", "prompt_ok": "False", "both": "False",
+                  **{key: str(value) for key, value in oks.items()}}
+        lines.append(",".join(values.get(column, "") for column in COLUMNS))
+    (tmp_path / "judge.csv").write_text("\n".join(lines) + "\n")
+    shares = results.concept_share(tmp_path)
+    # g1: images 2/3 and 0/3 -> 1/3; g2: 1; held-in mean over groups (1/3 + 1) / 2
+    assert shares["held-in"]["mean"] == pytest.approx((1 / 3 + 1) / 2)
+    assert shares["held-in"]["groups"] == 2
+    assert shares["held-out"]["mean"] == pytest.approx(1 / 3)

@@ -36,14 +36,40 @@ def _cell(entry: dict | None) -> str:
     return f"{entry['mean']:.3f} ({entry['low']:.2f}–{entry['high']:.2f})"
 
 
+def concept_share(run: Path) -> dict[str, dict]:
+    """Per split: the share of the group's concept attributes the judge finds right, image by image.
+
+    Partial credit: where every attribute right (``concept``) is rare, it still shows which method
+    carries *more* of the concept from the references into the image.
+    """
+    from easyref.bench.metrics import bootstrap_interval
+    from easyref.shapes.groups import CONCEPT_ATTRIBUTES
+
+    by_group: dict[str, dict[str, list[float]]] = {}
+    for row in read_scores(run):
+        names = CONCEPT_ATTRIBUTES[row["kind"]]
+        share = float(np.mean([row[f"{name}_ok"] for name in names]))
+        by_group.setdefault(row["split"], {}).setdefault(row["group_id"], []).append(share)
+    out = {}
+    for split, groups in by_group.items():
+        means = np.array([np.mean(values) for values in groups.values()])
+        low, high = bootstrap_interval(means)
+        out[split] = {"mean": float(means.mean()), "low": float(low[0]), "high": float(high[0]),
+                      "groups": len(means)}
+    return out
+
+
 def run_summary(run: Path) -> dict[str, dict]:
-    """Per split: the judge's concept / prompt / both and the CLIP-I / CLIP-T / DINO-I means with intervals."""
+    """Per split: the judge's concept / prompt / both (and the concept share), and the CLIP-I / CLIP-T /
+    DINO-I means, each with its interval."""
     judged = summarize_run(run)
+    shares = concept_share(run)
     measured = {row["split"]: row for row in summarize(run / "scores.csv") if row["domain"] == "all"} \
         if (run / "scores.csv").is_file() else {}
     out = {}
     for split in SPLITS:
         entry = {key: judged.get(split, {}).get(key) for key in JUDGE_KEYS}
+        entry["concept_share"] = shares.get(split)
         row = measured.get(split)
         for metric in METRICS:
             entry[metric] = None if row is None else {"mean": row[metric], "low": row[f"{metric}_low"],
@@ -57,7 +83,7 @@ def method_table(summaries: dict[str, dict], methods: Sequence[str],
     """A markdown table: one row per (method, split), judge metrics then CLIP/DINO metrics; ``extra`` adds
     one column (its name, and a value per method)."""
     header = ["method", *([extra[0]] if extra else []), "split", "groups",
-              "concept", "prompt", "both", "CLIP-I", "CLIP-T", "DINO-I"]
+              "concept", "prompt", "both", "concept share", "CLIP-I", "CLIP-T", "DINO-I"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method in methods:
         if method not in summaries:
@@ -66,7 +92,8 @@ def method_table(summaries: dict[str, dict], methods: Sequence[str],
             entry = summaries[method][split]
             groups = (entry["concept_ok"] or {}).get("groups", "–")
             cells = [LABELS.get(method, method), *([extra[1][method]] if extra else []), split, str(groups),
-                     *(_cell(entry[key]) for key in JUDGE_KEYS), *(_cell(entry[m]) for m in METRICS)]
+                     *(_cell(entry[key]) for key in (*JUDGE_KEYS, "concept_share")),
+                     *(_cell(entry[m]) for m in METRICS)]
             lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -205,7 +232,9 @@ def write_results(runs: dict[str, Path], document: Path, figures: Path, *, comma
              "judge (concept / prompt / both: every attribute the group shares / the caption names is right)",
              "and by the world's own CLIP and DINO (CLIP-I, CLIP-T, DINO-I). Parentheses: group-bootstrap 95%",
              "intervals. The benchmark gives every method the same 4 references per group (held-in: training",
-             "combinations; held-out: combinations and the `scene` kind never seen in training).", "",
+             "combinations; held-out: combinations and the `scene` kind never seen in training).",
+             "*Concept share* gives partial credit: the share of the group's concept attributes that are right",
+             "(identity: shape, colour, pattern; style: background, texture, pattern; scene: all five).", "",
              *notes, "", "## Targets", "", *targets(summaries, curves), "",
              "## Table 3 analogue: methods", "",
              *method_table(summaries, ("easyref", "ip-adapter", "lora", "text-only")), ""]
