@@ -242,3 +242,15 @@ def test_encode_only_pipeline_needs_no_base(tiny_model, tiny_pipe, references):
     torch.testing.assert_close(light.unconditional_embeds(), tiny_pipe.unconditional_embeds(), rtol=0, atol=0)
     with pytest.raises(ModelFormatError, match="without the base model"):
         light(references, "a cat", **FAST)
+
+
+def test_saving_keeps_the_base_pipelines_options(tiny_model, references, tmp_path):
+    # A base trained with the encoded "" as its unconditional input (not SDXL's zeros) must keep that.
+    pipe = EasyRefPipeline.from_pretrained(tiny_model, device="cpu", torch_dtype="float32")
+    pipe.base.register_to_config(force_zeros_for_empty_prompt=False)
+    pipe.save_pretrained(tmp_path / "copy")
+    again = EasyRefPipeline.from_pretrained(tmp_path / "copy", device="cpu", torch_dtype="float32")
+    assert again.base.config.force_zeros_for_empty_prompt is False
+    a = pipe(references, "x", seed=5, **FAST).images[0]
+    b = again(references, "x", seed=5, **FAST).images[0]
+    assert np.array_equal(_pixels(a), _pixels(b))

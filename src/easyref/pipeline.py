@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -217,7 +218,12 @@ class EasyRefPipeline:
         state = {key.replace(".base_layer.", "."): value for key, value in state.items()}
         plain.load_state_dict(state)
         components = {**self.base.components, "unet": plain.to(unet.dtype)}
-        type(self.base)(**components).save_pretrained(folder)
+        # Pipeline options kept in its config (e.g. SDXL's force_zeros_for_empty_prompt) travel too:
+        # the unconditional input must stay the one the base was trained with.
+        accepted = inspect.signature(type(self.base).__init__).parameters
+        options = {key: value for key, value in self.base.config.items()
+                   if key in accepted and key not in components}
+        type(self.base)(**components, **options).save_pretrained(folder)
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> EasyRefPipeline:
         if self.base is not None:
