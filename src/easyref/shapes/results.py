@@ -225,6 +225,7 @@ def targets(summaries: dict, curves: dict) -> list[str]:
 def write_results(runs: dict[str, Path], document: Path, figures: Path, *, command: str, notes: Sequence[str] = (),
                   tokens: dict[str, str] | None = None) -> Path:
     """Write ``document`` (markdown) and its PNGs into ``figures`` from the scored run folders."""
+    figures.mkdir(parents=True, exist_ok=True)
     summaries = {name: run_summary(run) for name, run in runs.items() if not name.startswith("scaling/")}
     curves = scaling_curves(runs)
     lines = ["# ShapesWorld results", "",
@@ -275,6 +276,7 @@ def examples_figure(model: Path, path: Path, *, steps: int = 30, seed: int = 0) 
     from easyref.shapes.figures import rows_figure
 
     pipe = EasyRefPipeline.from_pretrained(model, device="cpu")
+    path.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in example_names():
         group = example_group(name)
