@@ -87,7 +87,8 @@ def test_targets_report_met_and_missed_from_the_numbers():
         "easyref-average": {"held-out": {"concept_ok": _entry(0.7, 0.6, 0.8)}},
         "easyref-concat": {"held-out": {"concept_ok": _entry(0.92, 0.9, 0.95)}},
     }
-    curves = {"easyref": {"held-in": [(1, _entry(0.5, 0.4, 0.6), 0.1), (8, _entry(0.9, 0.8, 0.95), 0.2)]}}
+    curves = {"easyref": {"held-in": [{"size": 1, "concept": _entry(0.5, 0.4, 0.6)},
+                                      {"size": 8, "concept": _entry(0.9, 0.8, 0.95)}]}}
     lines = results.targets(summaries, curves)
     verdicts = [line.rsplit(" ", 1)[1] for line in lines]
     # 0.9 >= 0.85 met; gap 0.1 < 0.15 and intervals overlap: missed; 0.5 -> 0.9: met;

@@ -99,7 +99,7 @@ def run_part_two(output: Path, quick: bool, seed: int) -> dict:
     """EasyRef's stages, ablations and baselines; RESULTS.md; the exported model."""
     from easyref.shapes.experiments import Recipe, export_model, run_experiments
     from easyref.shapes.mllm import COND_IMAGE_SIZE, MERGE_SIZE, PATCH_SIZE
-    from easyref.shapes.results import examples_figure, write_results
+    from easyref.shapes.results import EXAMPLES_FIGURE, examples_figure, write_results
 
     recipe = Recipe(seed=seed).quick() if quick else Recipe(seed=seed)
     world, pretrained = output / "world", output / "pretrained"
@@ -109,7 +109,7 @@ def run_part_two(output: Path, quick: bool, seed: int) -> dict:
     tokens = {"easyref": str(recipe.reference_tokens), "easyref-average": str(recipe.reference_tokens),
               "easyref-concat": f"{references * per_image} ({references} x {per_image})"}
     command = f"easyref shapes reproduce OUTPUT{' --quick' if quick else ''} --seed {seed}"
-    write_results(runs, output / "RESULTS.md", output / "images", command=command, tokens=tokens)
     export_model(pretrained, output / "experiments" / "runs" / "multi" / "adapter", output / "shapesworld")
-    examples_figure(output / "shapesworld", output / "images" / "shapesworld-examples.png")
+    examples_figure(output / "shapesworld", output / "images" / EXAMPLES_FIGURE)
+    write_results(runs, output / "RESULTS.md", output / "images", command=command, tokens=tokens)
     return {name: str(run) for name, run in runs.items()}

@@ -18,6 +18,7 @@ from easyref.files import atomic_write
 from easyref.shapes.scoring import read_scores, summarize_run
 
 SPLITS = ("held-in", "held-out")
+EXAMPLES_FIGURE = "shapesworld-examples.png"
 JUDGE_KEYS = ("concept_ok", "prompt_ok", "both")
 LABELS = {
     "easyref": "EasyRef (tokens)",
@@ -98,8 +99,9 @@ def method_table(summaries: dict[str, dict], methods: Sequence[str],
     return lines
 
 
-def scaling_curves(runs: dict[str, Path]) -> dict[str, dict[str, list[tuple[int, dict, float]]]]:
-    """method -> split -> [(references, concept accuracy summary, median seconds per image)]."""
+def scaling_curves(runs: dict[str, Path]) -> dict[str, dict[str, list[dict]]]:
+    """method -> split -> points sorted by group size, each {size, concept, share, seconds}: the concept
+    accuracy and concept share summaries and the median seconds per image."""
     from easyref.bench.runs import read_images
 
     curves: dict[str, dict[str, list]] = {}
@@ -107,44 +109,50 @@ def scaling_curves(runs: dict[str, Path]) -> dict[str, dict[str, list[tuple[int,
         if not name.startswith("scaling/"):
             continue
         _, method, size = name.split("/")
-        judged = summarize_run(run)
+        judged, shares = summarize_run(run), concept_share(run)
         seconds = float(np.median([image.sidecar["seconds_per_image"] for image in read_images(run)]))
         for split in SPLITS:
             if split in judged:
                 curves.setdefault(method, {}).setdefault(split, []).append(
-                    (int(size), judged[split]["concept_ok"], seconds))
+                    {"size": int(size), "concept": judged[split]["concept_ok"], "share": shares[split],
+                     "seconds": seconds})
     for by_split in curves.values():
         for points in by_split.values():
-            points.sort(key=lambda point: point[0])
+            points.sort(key=lambda point: point["size"])
     return curves
 
 
 def scaling_figure(curves: dict, path: Path) -> Path:
-    """Fig. 9's analogue: concept accuracy (with intervals) and seconds per image against group size."""
+    """Fig. 9's analogue: concept accuracy and concept share (with intervals) and seconds per image
+    against group size."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (accuracy, seconds) = plt.subplots(1, 2, figsize=(10, 4))
+    figure, (accuracy, share, seconds) = plt.subplots(1, 3, figsize=(14, 4))
     for method, by_split in sorted(curves.items()):
         for split, points in sorted(by_split.items()):
-            sizes = [p[0] for p in points]
-            means = np.array([p[1]["mean"] for p in points])
-            errors = np.array([[p[1]["mean"] - p[1]["low"], p[1]["high"] - p[1]["mean"]] for p in points]).T
-            accuracy.errorbar(sizes, means, yerr=errors, marker="o", capsize=3, label=f"{LABELS[method]}, {split}",
+            sizes = [p["size"] for p in points]
+            for axes, key in ((accuracy, "concept"), (share, "share")):
+                means = np.array([p[key]["mean"] for p in points])
+                errors = np.array([[p[key]["mean"] - p[key]["low"], p[key]["high"] - p[key]["mean"]]
+                                   for p in points]).T
+                axes.errorbar(sizes, means, yerr=errors, marker="o", capsize=3, label=f"{LABELS[method]}, {split}",
                               linestyle="-" if split == "held-in" else "--")
             if split == "held-in":
-                seconds.plot(sizes, [p[2] for p in points], marker="o", label=LABELS[method])
-    for axes, label in ((accuracy, "concept accuracy (judge)"), (seconds, "seconds per image (median)")):
+                seconds.plot(sizes, [p["seconds"] for p in points], marker="o", label=LABELS[method])
+    for axes, label in ((accuracy, "concept accuracy (judge)"), (share, "concept share (judge)"),
+                        (seconds, "seconds per image (median)")):
         axes.set_xscale("log", base=2)
         axes.set_xlabel("number of references")
         axes.set_ylabel(label)
         axes.legend(fontsize=7)
         axes.grid(alpha=0.3)
     accuracy.set_ylim(0, 1)
+    share.set_ylim(0, 1)
     figure.tight_layout()
-    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=110))
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
     plt.close(figure)
     return path
 
@@ -204,7 +212,7 @@ def targets(summaries: dict, curves: dict) -> list[str]:
                      f"{'apart' if _separated(easyref, ip) else 'overlap'} "
                      f"{verdict(gap >= 0.15 and _separated(easyref, ip))}")
     for split in SPLITS:
-        points = {size: summary["mean"] for size, summary, _ in curves.get("easyref", {}).get(split, [])}
+        points = {p["size"]: p["concept"]["mean"] for p in curves.get("easyref", {}).get(split, [])}
         if 1 in points and 8 in points:
             lines.append(f"- EasyRef's concept accuracy rises from 1 to 8 references ({split}): "
                          f"{points[1]:.3f} → {points[8]:.3f} {verdict(points[8] > points[1])}")
@@ -247,24 +255,30 @@ def write_results(runs: dict[str, Path], document: Path, figures: Path, *, comma
         lines += ["## Progressive training", "", *method_table(summaries, ("easyref", "easyref-no-single")), ""]
     if curves:
         scaling_figure(curves, figures / "shapesworld-scaling.png")
-        sizes = sorted({point[0] for by_split in curves.values() for points in by_split.values() for point in points})
+        sizes = sorted({p["size"] for by_split in curves.values() for points in by_split.values() for p in points})
         lines += ["## Fig. 9 analogue: more references", "",
-                  f"![concept accuracy and seconds per image against the number of references]"
+                  f"![concept accuracy, concept share and seconds per image against the number of references]"
                   f"({figures.name}/shapesworld-scaling.png)", "",
-                  "| method | concept accuracy, or | " + " | ".join(map(str, sizes)) + " |",
+                  "| method | measure | " + " | ".join(map(str, sizes)) + " |",
                   "|" + "---|" * (len(sizes) + 2)]
         for method, by_split in sorted(curves.items()):
             for split, points in sorted(by_split.items()):
-                lines.append(f"| {LABELS[method]} | {split} | " + " | ".join(f"{p[1]['mean']:.3f}" for p in points)
-                             + " |")
+                for key, label in (("concept", "concept accuracy"), ("share", "concept share")):
+                    lines.append(f"| {LABELS[method]} | {label}, {split} | "
+                                 + " | ".join(f"{p[key]['mean']:.3f}" for p in points) + " |")
             lines.append(f"| {LABELS[method]} | seconds per image | "
-                         + " | ".join(f"{p[2]:.3f}" for p in by_split.get("held-in", [])) + " |")
+                         + " | ".join(f"{p['seconds']:.3f}" for p in by_split.get("held-in", [])) + " |")
         lines.append("")
     shown = [m for m in ("easyref", "ip-adapter", "text-only") if m in runs]
     if shown:
-        qualitative_figure(runs, shown, figures / "shapesworld-samples.png")
+        qualitative_figure(runs, shown, figures / "shapesworld-samples.png", per_split_kind=1)
         lines += ["## Samples", "", f"![references, then {', '.join(LABELS[m] for m in shown)}]"
                   f"({figures.name}/shapesworld-samples.png)", ""]
+    if (figures / EXAMPLES_FIGURE).is_file():
+        lines += ["## The exported model on the example groups", "",
+                  "What `easyref generate --model OUTPUT/shapesworld --example NAME` makes (seed 0, 30 steps) for",
+                  "every example group (`easyref shapes examples`):", "",
+                  f"![references, then the exported model's image]({figures.name}/{EXAMPLES_FIGURE})", ""]
     return atomic_write(document, lambda tmp: tmp.write_text("\n".join(lines)))
 
 
