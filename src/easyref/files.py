@@ -37,12 +37,21 @@ def check_output_path(path: str | Path) -> Path:
     return path
 
 
+def _usual_mode(full: int) -> int:
+    """``full`` (0o666 for files, 0o777 for folders) less the process umask: what ``open`` or ``mkdir``
+    would give. Temporary files and folders are private (0o600 / 0o700); what is published should not be."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return full & ~umask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
     path = check_output_path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, _usual_mode(0o666))
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -91,9 +100,7 @@ def atomic_folder(path: str | Path, replace: bool = True) -> Iterator[Path]:
     """
     path = Path(path)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; published folders should not be
+    os.chmod(staging, _usual_mode(0o777))
     try:
         yield staging
         if replace:
