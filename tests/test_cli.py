@@ -187,6 +187,14 @@ def test_make_tiny_refuses_a_non_empty_folder(tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
 
 
+def test_make_tiny_creates_missing_parent_folders(tmp_path, capsys):
+    assert main(["make-tiny", str(tmp_path / "a" / "b" / "model")]) == 0
+    assert sorted(p.name for p in (tmp_path / "a" / "b" / "model").iterdir()) == ["adapter", "base", "mllm"]
+    (tmp_path / "file").write_text("x")
+    assert main(["make-tiny", str(tmp_path / "file" / "model")]) == 1
+    assert "cannot create output folder" in _one_error_line(capsys.readouterr().err)
+
+
 def test_encode_rejects_bad_reference_before_loading(work, tmp_path, capsys):
     out = tmp_path / "e.safetensors"
     assert main(["encode", "--model", str(work / "model"), "--ref", str(work / "corrupt.png"),

@@ -457,9 +457,13 @@ def cmd_make_tiny(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from easyref.tiny import make_tiny
 
     folder = Path(args.folder)
-    _check_new_folder(folder)
     if not 0 <= args.seed < 2**63:
         raise UsageError(f"--seed must be a non-negative integer, got {args.seed}")
+    try:  # like the other output commands, make the missing parent folders
+        folder.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputPathError(f"cannot create output folder {folder.parent} ({exc.strerror})") from None
+    _check_new_folder(folder)
     _say(f"writing a tiny random model to {folder} ...")
     # Built beside the target and renamed at the end: an interrupted run leaves no half model.
     with atomic_folder(folder) as staging:
