@@ -23,7 +23,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from easyref.cli_options import add_device_options, add_model_options, add_verbose
+from easyref.cli_options import SAMPLING_FLAGS, add_device_options, add_model_options, add_verbose
 from easyref.errors import EasyRefError, ModelFormatError, OutputPathError
 from easyref.files import atomic_folder, atomic_path, check_output_path, package_versions, sha256_file
 
@@ -349,7 +349,7 @@ def cmd_generate(args: argparse.Namespace, argv: Sequence[str]) -> int:
     # Everything the user typed is checked here, before the (slow) model load.
     check_generation_args(height=args.height, width=args.width, scale=args.scale,
                           guidance_scale=args.guidance_scale, num_inference_steps=args.steps,
-                          num_images=args.num_images, seed=args.seed)
+                          num_images=args.num_images, seed=args.seed, names=SAMPLING_FLAGS)
     outputs = _image_outputs(args.output, args.num_images)
     fmt = _image_format(outputs[0])
     sidecar = Path(args.output).with_suffix(".json")

@@ -46,3 +46,8 @@ def add_device_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dtype", default="auto", metavar="NAME",
                        help="weight precision: auto (float16 on GPU, float32 on CPU), float32, float16, "
                             "bfloat16 (default: auto)")
+
+
+# The sampling flags of 'generate' and 'bench run', by the Python names the pipeline checks them under.
+SAMPLING_FLAGS = {"height": "--height", "width": "--width", "scale": "--scale", "guidance_scale": "--guidance-scale",
+                  "num_inference_steps": "--steps", "num_images": "--num-images", "seed": "--seed"}

@@ -14,7 +14,7 @@ import hashlib
 import inspect
 import math
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,22 +68,30 @@ def _model_parts(model: str | Path | None, base, mllm, adapter) -> dict[str, str
 
 
 def check_generation_args(*, height: int | None, width: int | None, scale: float, guidance_scale: float,
-                          num_inference_steps: int, num_images: int, seed: int) -> None:
-    """Validate numbers before any model runs; each problem is one clear sentence."""
+                          num_inference_steps: int, num_images: int, seed: int,
+                          names: Mapping[str, str] | None = None) -> None:
+    """Validate numbers before any model runs; each problem is one clear sentence.
+
+    Messages call each value by its Python name, or by ``names[python_name]`` (a command line
+    passes its flags, e.g. ``--steps``, so the user reads the option they typed).
+    """
+    names = names or {}
+
+    def fail(name: str, rule: str, value: object) -> None:
+        raise InvalidArgumentError(f"{names.get(name, name)} must be {rule}, got {value}")
+
     for name, value in (("height", height), ("width", width)):
-        if value is None:
-            continue
-        if not isinstance(value, int) or value % 8 or not 64 <= value <= MAX_SIDE:
-            raise InvalidArgumentError(f"{name} must be a multiple of 8 between 64 and {MAX_SIDE}, got {value}")
+        if value is not None and (not isinstance(value, int) or value % 8 or not 64 <= value <= MAX_SIDE):
+            fail(name, f"a multiple of 8 between 64 and {MAX_SIDE}", value)
     for name, value in (("scale", scale), ("guidance_scale", guidance_scale)):
         if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise InvalidArgumentError(f"{name} must be a finite number >= 0, got {value}")
+            fail(name, "a finite number >= 0", value)
     if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= 1000:
-        raise InvalidArgumentError(f"num_inference_steps must be between 1 and 1000, got {num_inference_steps}")
+        fail("num_inference_steps", "between 1 and 1000", num_inference_steps)
     if not isinstance(num_images, int) or not 1 <= num_images <= MAX_IMAGES_PER_CALL:
-        raise InvalidArgumentError(f"num_images must be between 1 and {MAX_IMAGES_PER_CALL}, got {num_images}")
+        fail("num_images", f"between 1 and {MAX_IMAGES_PER_CALL}", num_images)
     if not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise InvalidArgumentError(f"seed must be a non-negative integer, got {seed}")
+        fail("seed", "a non-negative integer", seed)
 
 
 class EasyRefPipeline:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from easyref import ip_adapter_format
-from easyref.cli_options import add_device_options, add_model_options
+from easyref.cli_options import SAMPLING_FLAGS, add_device_options, add_model_options
 from easyref.config import AGGREGATIONS
 from easyref.errors import InvalidArgumentError, OutputPathError
 
@@ -117,7 +117,7 @@ def _check_args(args: argparse.Namespace, run_folders: list[Path]) -> None:
         raise InvalidArgumentError(f"--images-per-group must be between 1 and {MAX_IMAGES_PER_CALL}, "
                                    f"got {args.images_per_group}")
     check_generation_args(height=args.height, width=args.width, scale=args.scale, guidance_scale=args.guidance_scale,
-                          num_inference_steps=args.steps, num_images=1, seed=args.seed)
+                          num_inference_steps=args.steps, num_images=1, seed=args.seed, names=SAMPLING_FLAGS)
     if args.method == "lora":
         LoRATuning(args.lora_steps, args.lora_rank, args.lora_lr, args.lora_resolution).check()
     if args.limit is not None and args.limit < 1:
