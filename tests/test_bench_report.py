@@ -86,3 +86,19 @@ def test_bench_report_command(runs, tmp_path, capsys):
     args = bench_parser().parse_args(["bench", "report", *map(str, runs), "--output", str(tmp_path / "out")])
     assert args.handler(args) == 0
     assert (tmp_path / "out" / "report.md").is_file()
+
+
+def test_group_size_plot_ticks_are_the_whole_reference_counts(runs, tmp_path, monkeypatch):
+    from easyref.bench import report
+
+    seen = []
+    finish = report._finish
+
+    def capture(figure, axes, path, plt):
+        seen.extend([tick.get_text() for tick in axis.get_xticklabels()] for axis in axes)
+        return finish(figure, axes, path, plt)
+
+    monkeypatch.setattr(report, "_finish", capture)
+    write_report(runs, tmp_path / "report")
+    sizes = ["1", "2", "3", "4"]  # the fake runs' groups hold 1 + g % 4 references
+    assert sizes in seen and all(labels == sizes for labels in seen[-3:])

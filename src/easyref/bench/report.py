@@ -247,9 +247,13 @@ def plot_group_size(runs: Sequence[ScoredRun], path: Path, plt) -> Path:
         for k, axis in enumerate(axes[0]):
             axis.errorbar(sizes, means[:, k], yerr=[means[:, k] - low[:, k], high[:, k] - means[:, k]],
                           marker="o", capsize=3, label=run.label)
+    ticks = sorted(set(all_sizes))
     for axis, metric in zip(axes[0], METRICS, strict=True):
         if max(all_sizes) >= 8 * min(all_sizes):
             axis.set_xscale("log", base=2)
+        # Whole reference counts only: the sizes that occur, no fractional or minor ticks.
+        axis.set_xticks(ticks, [str(size) for size in ticks])
+        axis.minorticks_off()
         axis.set_xlabel("references in the group")
         axis.set_title(METRIC_LABELS[metric])
     return _finish(figure, axes[0], path, plt)
