@@ -222,7 +222,9 @@ def test_accelerate_launch_shards_each_group_exactly_once(tiny_model, bench, tmp
     assert sorted(g["group_id"] for g in groups) == [f"g{i}" for i in range(6)]  # each group exactly once
     assert {g["process_index"] for g in groups} == {0, 1}
     assert all(g["num_processes"] == 2 and g["seed"] == group_seed(0, g["group_id"]) for g in groups)
-    assert result.stdout.strip() == str(output)  # printed once, by the main process
+    # Said once, by the main process: what was written and what to run next.
+    assert result.stdout.startswith(f"{output}: 6 images of 6 groups") and result.stdout.count("images of") == 1
+    assert f"easyref bench score {output}" in result.stdout
 
 
 def test_scaling_command_writes_a_run_folder_per_size_and_the_csv(tiny_model, bench, tmp_path):

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from easyref import ip_adapter_format
-from easyref.cli_options import SAMPLING_FLAGS, add_device_options, add_model_options
+from easyref.cli_options import SAMPLING_FLAGS, add_device_options, add_model_options, add_verbose
 from easyref.config import AGGREGATIONS
 from easyref.errors import InvalidArgumentError, OutputPathError
 
@@ -25,6 +25,7 @@ SHARDING = ("Shard over several GPUs with: accelerate launch --num_processes 8 -
 
 def _add_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by ``run`` and ``scaling``: benchmark, method, models, sampling, tuning, hardware."""
+    add_verbose(parser)
     parser.add_argument("--bench", metavar="MANIFEST.jsonl", required=True,
                         help="benchmark manifest (JSON lines, one group per line; paths relative to the file)")
     parser.add_argument("--method", choices=METHOD_NAMES, default="easyref",
@@ -156,7 +157,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     run = run_benchmark(args.bench, method, args.output, images_per_group=args.images_per_group, seed=args.seed,
                         limit=args.limit, accelerator=state)
     if state.is_main_process:
-        print(run)
+        from easyref.bench.runs import read_images
+
+        images = read_images(run)
+        print(f"{run}: {len(images)} images of {len({image.group_id for image in images})} groups "
+              f"(images/<group>/<k>.png, each with a .json sidecar). Score them with:\n"
+              f"  easyref bench score {run} --clip CLIP --dino DINO")
     return 0
 
 
