@@ -167,6 +167,14 @@ def test_model_folder_missing_a_part(tiny_model, tmp_path):
         EasyRefPipeline.from_pretrained(tmp_path / "m")
 
 
+def test_base_part_without_weights_is_named(tiny_model, tmp_path):
+    shutil.copytree(tiny_model, tmp_path / "m")
+    for weights in (tmp_path / "m" / "base" / "unet").glob("*.safetensors"):
+        weights.unlink()
+    with pytest.raises(ModelFormatError, match="unet/ has no weights file"):
+        EasyRefPipeline.from_pretrained(tmp_path / "m")
+
+
 def test_adapter_dimension_mismatch_names_both(tiny_model, tmp_path):
     shutil.copytree(tiny_model / "adapter", tmp_path / "adapter")
     config = json.loads((tmp_path / "adapter" / "config.json").read_text())

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import inspect
+import json
 import math
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -128,6 +129,11 @@ class EasyRefPipeline:
         folder = resolve(base, "base model")
         if not (folder / "model_index.json").is_file():
             raise ModelFormatError(f"base model {base} is not a diffusers pipeline folder (no model_index.json)")
+        for part in json.loads((folder / "model_index.json").read_text()):
+            sub = folder / part
+            # A model part (it has a config.json) without weights: name it, not the last file diffusers tried.
+            if (sub / "config.json").is_file() and not any(sub.glob("*.safetensors")) and not any(sub.glob("*.bin")):
+                raise ModelFormatError(f"base model {base}: {part}/ has no weights file (*.safetensors or *.bin)")
         return StableDiffusionXLPipeline.from_pretrained(folder, dtype=torch_dtype)
 
     @staticmethod
