@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--steps", type=int, default=30, metavar="N",
                           help="number of denoising steps, 1 to 1000 (default: 30)")
     sampling.add_argument("--scale", type=float, default=1.0, metavar="X",
-                          help="weight of the reference tokens: 0 gives the base model's own image, 1 the "
+                          help="weight of the reference tokens: 0 switches them off (the base model's own image "
+                               "unless the adapter carries a UNet LoRA, as stage single/multi adapters do), 1 the "
                                "trained strength; a finite number >= 0 (default: 1.0)")
     sampling.add_argument("--guidance-scale", type=float, default=5.0, metavar="X",
                           help="classifier-free guidance strength; values <= 1 switch guidance off "

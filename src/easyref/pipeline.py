@@ -362,7 +362,8 @@ class EasyRefPipeline:
                  progress: bool = True, **pipeline_kwargs: Any) -> EasyRefOutput:
         """Generate ``num_images`` images following the references and the prompt.
 
-        ``scale`` weighs the reference tokens (0 gives exactly the base model's image, 1 the
+        ``scale`` weighs the reference tokens (0 switches them off: exactly the base model's image
+        for an adapter without a UNet LoRA; a LoRA from stages single/multi still acts; 1 the
         trained strength). ``pipeline`` is an optional derived diffusers pipeline (img2img,
         inpainting, ControlNet) whose extra inputs go in ``pipeline_kwargs``.
         """
