@@ -105,3 +105,11 @@ def test_commands_attach_to_any_parser_and_import_nothing_heavy():
     assert args.handler.__name__ == "run_train"
     code = "import sys, easyref.training.commands; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_train_help_is_wrapped_like_every_other_command(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    assert main(["train", "--help"]) == 0
+    text = capsys.readouterr().out
+    assert "Train one stage of EasyRef's progressive training" in text
+    assert max(len(line) for line in text.splitlines()) <= 100

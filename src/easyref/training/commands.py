@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,7 +18,8 @@ from easyref.cli_options import add_model_options, add_verbose
 
 TRAIN_EXAMPLES = """\
 examples:
-  easyref train --stage align  --model MODEL_DIR --data pairs.json  --image-root IMGS --output runs/s1
+  easyref train --stage align  --model MODEL_DIR --data pairs.json \\
+      --image-root IMGS --output runs/s1
   easyref train --stage single --model MODEL_DIR --init runs/s1/adapter --data faces.json \\
       --image-root IMGS --output runs/s2
   easyref train --stage multi  --model MODEL_DIR --init runs/s2/adapter --data groups.json \\
@@ -51,15 +53,18 @@ def _add_train(subparsers) -> None:
 
     train = subparsers.add_parser(
         "train", help="train EasyRef (stage align, single or multi) on one CPU or many GPUs",
-        description="Train one stage of EasyRef's progressive training: 'align' (image-text pairs; trains the "
-                    "final-layer copy, reference tokens, projection and adapter), 'single' (adds face crops; "
-                    "also the whole MLLM and a UNet LoRA) and 'multi' (groups; same parts as 'single'). Writes "
-                    "OUTPUT/checkpoint-STEP/ every --save-steps, OUTPUT/log.jsonl and the final OUTPUT/adapter/ "
-                    "that 'easyref generate --adapter' loads. Under 'accelerate launch' the same command runs "
-                    "on many processes, GPUs or machines.",
+        # The raw formatter keeps the examples' layout, so the description is wrapped here, as argparse
+        # wraps every other command's.
+        description=textwrap.fill(
+            "Train one stage of EasyRef's progressive training: 'align' (image-text pairs; trains the "
+            "final-layer copy, reference tokens, projection and adapter), 'single' (adds face crops; also the "
+            "whole MLLM and a UNet LoRA) and 'multi' (groups; same parts as 'single'). Writes "
+            "OUTPUT/checkpoint-STEP/ every --save-steps, OUTPUT/log.jsonl and the final OUTPUT/adapter/ that "
+            "'easyref generate --adapter' loads. Under 'accelerate launch' the same command runs on many "
+            "processes, GPUs or machines.", width=78, break_on_hyphens=False),
         epilog=TRAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
-        usage="%(prog)s --stage {align,single,multi} (--model DIR | --base DIR --mllm DIR) [--init ADAPTER] "
-              "--data FILE.json [--image-root DIR] --output DIR [options]",
+        usage="%(prog)s --stage {align,single,multi} (--model DIR | --base DIR --mllm DIR)\n"
+              "       [--init ADAPTER] --data FILE.json [--image-root DIR] --output DIR [options]",
     )
     add_verbose(train)
     train.add_argument("--stage", required=True, choices=STAGES, help="training stage")
