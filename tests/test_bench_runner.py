@@ -180,7 +180,7 @@ def test_every_option_is_explained():
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--steps", "0"], "num_inference_steps"),
+    (["--steps", "0"], "--steps must be between 1 and 1000"),
     (["--images-per-group", "17"], "--images-per-group"),
     (["--method", "lora", "--lora-steps", "0"], "lora steps"),
     (["--limit", "0"], "--limit"),
