@@ -91,7 +91,7 @@ QWEN2_VL_CHAT_TEMPLATE = (
 )
 
 
-def _byte_level_vocab(
+def byte_level_vocab(
     merges: list[tuple[str, str]], special_tokens: tuple[str, ...], word_suffix: str | None = None
 ) -> dict[str, int]:
     """Return a BPE vocabulary that can encode any text: the 256 byte-level symbols, the merge results,
@@ -99,14 +99,15 @@ def _byte_level_vocab(
 
     Byte-level BPE maps every byte to one printable symbol, so a vocabulary holding all 256 symbols
     never needs an unknown token. CLIP marks the last symbol of a word with ``</w>``, so with a
-    ``word_suffix`` each symbol is also present in its suffixed form.
+    ``word_suffix`` each symbol is also present in its suffixed form. Two merges may produce the
+    same string (trained merges do); it keeps its first id so the ids stay contiguous.
     """
     symbols = sorted(pre_tokenizers.ByteLevel.alphabet())
     if word_suffix is not None:
         symbols += [symbol + word_suffix for symbol in symbols]
     symbols += [left + right for left, right in merges]
     symbols += special_tokens
-    return {symbol: index for index, symbol in enumerate(symbols)}
+    return {symbol: index for index, symbol in enumerate(dict.fromkeys(symbols))}
 
 
 def _clip_tokenizer(pad_token: str) -> CLIPTokenizer:
@@ -114,7 +115,7 @@ def _clip_tokenizer(pad_token: str) -> CLIPTokenizer:
 
     SDXL's first tokenizer pads with ``<|endoftext|>`` and its second with ``!``; the caller picks.
     """
-    vocab = _byte_level_vocab(_CLIP_MERGES, ("<|startoftext|>", "<|endoftext|>"), word_suffix="</w>")
+    vocab = byte_level_vocab(_CLIP_MERGES, ("<|startoftext|>", "<|endoftext|>"), word_suffix="</w>")
     return CLIPTokenizer(vocab=vocab, merges=_CLIP_MERGES, pad_token=pad_token, model_max_length=77)
 
 
@@ -201,11 +202,12 @@ def write_tiny_base(folder: Path, seed: int = 0) -> None:
     pipe.save_pretrained(folder, safe_serialization=True)
 
 
-def _qwen2_vl_tokenizer() -> Qwen2Tokenizer:
-    """Build a byte-level BPE Qwen2 tokenizer with Qwen2-VL-Instruct's special tokens and chat template."""
+def qwen2_vl_tokenizer(merges: list[tuple[str, str]] = _QWEN2_MERGES) -> Qwen2Tokenizer:
+    """Build a byte-level BPE Qwen2 tokenizer on ``merges`` with Qwen2-VL-Instruct's special tokens and
+    chat template (the tiny model's merges by default; ShapesWorld passes merges trained on its world)."""
     return Qwen2Tokenizer(
-        vocab=_byte_level_vocab(_QWEN2_MERGES, QWEN2_VL_SPECIAL_TOKENS),
-        merges=_QWEN2_MERGES,
+        vocab=byte_level_vocab(merges, QWEN2_VL_SPECIAL_TOKENS),
+        merges=merges,
         unk_token=None,
         bos_token=None,
         eos_token="<|im_end|>",
@@ -225,7 +227,7 @@ def write_tiny_mllm(folder: Path, seed: int = 0, family: str = "qwen2_vl") -> No
     load it with ``Qwen2VLImageProcessorPil.from_pretrained`` (the default class needs torchvision).
     Both families share the tokenizer and image processor, as the real models do.
     """
-    tokenizer = _qwen2_vl_tokenizer()
+    tokenizer = qwen2_vl_tokenizer()
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN2_VL_SPECIAL_TOKENS}
     text_config = {
         "vocab_size": len(tokenizer),

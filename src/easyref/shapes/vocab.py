@@ -24,7 +24,7 @@ from easyref.config import RELEASE_INSTRUCTION
 from easyref.shapes.groups import CONCEPT_ATTRIBUTES, DESCRIBE, KINDS, QUESTION, concept_text, group_caption
 from easyref.shapes.splits import random_train_attributes
 from easyref.shapes.world import ATTRIBUTES
-from easyref.tiny import QWEN2_VL_CHAT_TEMPLATE, QWEN2_VL_SPECIAL_TOKENS
+from easyref.tiny import byte_level_vocab, qwen2_vl_tokenizer
 
 # Captions are at most ~20 tokens; SDXL's pipeline pads every prompt to this length, so it stays short.
 CLIP_MAX_LENGTH = 32
@@ -81,19 +81,6 @@ def _train_merges(template: Tokenizer, end_of_word_suffix: str | None) -> list[t
     return [tuple(pair) for pair in json.loads(tokenizer.to_str())["model"]["merges"]]
 
 
-def _vocab(merges: list[tuple[str, str]], special_tokens: tuple[str, ...],
-           word_suffix: str | None = None) -> dict[str, int]:
-    """Byte-level symbols (and their word-final forms), then merge results, then special tokens.
-
-    Two merges may produce the same string; it keeps its first id so the ids stay contiguous.
-    """
-    symbols = sorted(pre_tokenizers.ByteLevel.alphabet())
-    if word_suffix is not None:
-        symbols += [symbol + word_suffix for symbol in symbols]
-    symbols += [left + right for left, right in merges] + list(special_tokens)
-    return {symbol: index for index, symbol in enumerate(dict.fromkeys(symbols))}
-
-
 @functools.lru_cache(maxsize=1)
 def _clip_merges() -> tuple[tuple[str, str], ...]:
     return tuple(_train_merges(CLIPTokenizer().backend_tokenizer, _CLIP_SUFFIX))
@@ -110,22 +97,11 @@ def clip_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
     SDXL's first tokenizer pads with ``<|endoftext|>`` and its second with ``!``; the caller picks.
     """
     merges = list(_clip_merges())
-    vocab = _vocab(merges, CLIP_SPECIAL_TOKENS, word_suffix=_CLIP_SUFFIX)
+    vocab = byte_level_vocab(merges, CLIP_SPECIAL_TOKENS, word_suffix=_CLIP_SUFFIX)
     return CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad_token, model_max_length=CLIP_MAX_LENGTH)
 
 
 def qwen_tokenizer() -> Qwen2Tokenizer:
     """GPT-2-style byte-level BPE trained on the world, with Qwen2-VL-Instruct's special tokens and chat
-    template (as :mod:`easyref.tiny` builds them), so EasyRef's prompt building works unchanged."""
-    merges = list(_qwen_merges())
-    return Qwen2Tokenizer(
-        vocab=_vocab(merges, QWEN2_VL_SPECIAL_TOKENS),
-        merges=merges,
-        unk_token=None,
-        bos_token=None,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        extra_special_tokens=list(QWEN2_VL_SPECIAL_TOKENS),
-        chat_template=QWEN2_VL_CHAT_TEMPLATE,
-        model_max_length=32768,
-    )
+    template (built as :mod:`easyref.tiny` builds its own), so EasyRef's prompt building works unchanged."""
+    return qwen2_vl_tokenizer(list(_qwen_merges()))
