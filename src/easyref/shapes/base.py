@@ -43,8 +43,8 @@ from transformers import CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTextModel
 
 from easyref.errors import InvalidArgumentError, ModelFormatError
 from easyref.files import atomic_folder, write_json
-from easyref.shapes.splits import is_held_out, random_train_attributes
-from easyref.shapes.world import ATTRIBUTES, IMAGE_SIZE, PATTERNS, Attributes, clean_scene, random_attributes, render
+from easyref.shapes.splits import random_held_out_attributes, random_train_attributes
+from easyref.shapes.world import ATTRIBUTES, IMAGE_SIZE, PATTERNS, Attributes, clean_scene, render
 from easyref.training.steps import LoopSettings, step_generator, step_rng, train
 
 LATENT_CHANNELS = 4
@@ -345,12 +345,7 @@ def caption_attributes(split: str, count: int, seed: int) -> list[Attributes]:
         return _train_attributes(rng, count)
     if split != "held-out":
         raise InvalidArgumentError(f"split must be held-in or held-out, got {split!r}")
-    chosen: list[Attributes] = []
-    while len(chosen) < count:
-        attributes = random_attributes(rng)
-        if is_held_out(attributes):
-            chosen.append(attributes)
-    return chosen
+    return [random_held_out_attributes(rng) for _ in range(count)]
 
 
 @torch.no_grad()

@@ -35,9 +35,9 @@ from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPTextC
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from easyref.files import atomic_folder, write_json
-from easyref.shapes.splits import is_held_out, random_train_attributes
+from easyref.shapes.splits import is_held_out, random_held_out_attributes, random_train_attributes
 from easyref.shapes.vocab import clip_tokenizer
-from easyref.shapes.world import ATTRIBUTES, IMAGE_SIZE, Attributes, View, clean_scene, random_attributes, render
+from easyref.shapes.world import ATTRIBUTES, IMAGE_SIZE, Attributes, View, clean_scene, render
 from easyref.training.steps import LoopSettings, step_rng, train
 
 NAME = "clip"
@@ -222,12 +222,7 @@ def evaluation_scenes(seed: int, held_out: bool, count: int = EVAL_SCENES) -> li
     rng = np.random.default_rng([seed, _EVAL_STREAM, int(held_out)])
     if not held_out:
         return [random_train_attributes(rng) for _ in range(count)]
-    scenes: list[Attributes] = []
-    while len(scenes) < count:
-        attributes = random_attributes(rng)
-        if is_held_out(attributes):
-            scenes.append(attributes)
-    return scenes
+    return [random_held_out_attributes(rng) for _ in range(count)]
 
 
 def evaluate(model: CLIPModel, tokenizer: CLIPTokenizer, seed: int, count: int = EVAL_SCENES) -> dict:

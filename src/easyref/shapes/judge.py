@@ -41,7 +41,7 @@ from easyref.bench.metrics import bootstrap_interval
 from easyref.errors import InvalidArgumentError, ModelFormatError
 from easyref.files import atomic_folder, write_json
 from easyref.images import ImageSource, load_image
-from easyref.shapes.splits import is_held_out, random_train_attributes
+from easyref.shapes.splits import random_held_out_attributes, random_train_attributes
 from easyref.shapes.world import (
     ATTRIBUTES,
     IMAGE_SIZE,
@@ -425,13 +425,6 @@ def judge_loss(judge: ShapesJudge, pixels: torch.Tensor, labels: torch.Tensor, c
 
 # -- pretraining and its evaluation -------------------------------------------------------------
 
-def _held_out_attributes(rng: np.random.Generator) -> Attributes:
-    while True:
-        attributes = random_attributes(rng)
-        if is_held_out(attributes):
-            return attributes
-
-
 def evaluate_judge(judge: ShapesJudge, seed: int = 0, positives: int = EVAL_POSITIVES,
                    negatives: int = EVAL_NEGATIVES) -> dict:
     """Accuracy per attribute on fresh renders (seeds training never draws), and negatives' rejection rates.
@@ -445,7 +438,7 @@ def evaluate_judge(judge: ShapesJudge, seed: int = 0, positives: int = EVAL_POSI
     rng = step_rng(seed, 0, _EVAL_STREAM)
     accuracy: dict[str, dict] = {"clean": {}, "augmented": {}}
     accepted: dict[str, dict] = {"clean": {}, "augmented": {}}
-    for split, draw in (("train", random_train_attributes), ("held_out", _held_out_attributes)):
+    for split, draw in (("train", random_train_attributes), ("held_out", random_held_out_attributes)):
         truth = [draw(rng) for _ in range(positives)]
         raw = np.stack([render(clean_scene(a, rng)) for a in truth])
         augmented = _augment(raw.astype(np.float32), rng.uniform(*_MILD_BLUR, positives), rng)

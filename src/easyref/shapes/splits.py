@@ -49,3 +49,11 @@ def random_train_attributes(rng: np.random.Generator, **fixed: int) -> Attribute
         if not is_held_out(attributes):
             return attributes
     raise ValueError(f"no training combination has {fixed}")
+
+
+def random_held_out_attributes(rng: np.random.Generator) -> Attributes:
+    """Attributes uniformly over the held-out combinations (rejection sampling): for evaluations only."""
+    while True:
+        attributes = random_attributes(rng)
+        if is_held_out(attributes):
+            return attributes
