@@ -220,6 +220,7 @@ def run_experiments(output: Path, world: Path, pretrained: Path, recipe: Recipe,
     ``OUT/bench/lora`` per-group LoRA on a small subset (it trains for every group).
     """
     from easyref.shapes.judge import ShapesJudge
+    from easyref.shapes.scoring import score_run
 
     judge = ShapesJudge.from_pretrained(pretrained / "judge")
     runs_dir, bench_dir = output / "runs", output / "bench"
@@ -249,7 +250,8 @@ def run_experiments(output: Path, world: Path, pretrained: Path, recipe: Recipe,
         sizes = [size for size in SCALING_SIZES if size <= rendered]
         for method in SCALING_METHODS:
             if method == "easyref":
-                args = method_args("easyref", pretrained, adapter=runs_dir / "multi" / "adapter")
+                args = method_args("easyref", pretrained,
+                                   adapter=train_model("easyref", world, pretrained, runs_dir, recipe))
             else:
                 args = method_args("ip-adapter", pretrained, ip_adapter=train_ip_adapter(world, pretrained,
                                                                                         runs_dir, recipe))
@@ -258,15 +260,8 @@ def run_experiments(output: Path, world: Path, pretrained: Path, recipe: Recipe,
                              *sampling_args(recipe), "--sizes", *sizes])
             for size in sizes:
                 runs[f"scaling/{method}/{size}"] = folder / f"size-{size}"
-                score_run_judge_only(folder / f"size-{size}", judge)
+                score_run(folder / f"size-{size}", judge)  # the curves are the judge's only
     return runs
-
-
-def score_run_judge_only(run: Path, judge) -> None:
-    """Scaling runs are read by the judge only (their curves are of concept accuracy)."""
-    from easyref.shapes.scoring import score_run
-
-    score_run(run, judge)
 
 
 def export_model(pretrained: Path, adapter: Path, folder: Path) -> Path:
