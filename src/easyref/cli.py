@@ -338,7 +338,8 @@ def cmd_generate(args: argparse.Namespace, argv: Sequence[str]) -> int:
         example = example_group(args.example)
         args.prompt = example.caption if args.prompt is None else args.prompt
     if not args.embeds and not args.ref and not args.example:
-        raise UsageError(f"give reference images with --ref (or an embeds file with --embeds) "
+        raise UsageError(f"give reference images with --ref (or an example group with --example, or an embeds "
+                         f"file with --embeds) "
                          f"(see '{PROG} generate --help')")
     if args.embeds and args.negative_ref:
         raise UsageError("--negative-ref needs the MLLM; with --embeds, give the negative references to "
