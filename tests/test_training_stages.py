@@ -96,3 +96,20 @@ def test_every_trainable_parameter_gets_a_gradient_and_no_frozen_one(tiny_model,
     frozen = [p for m in (encoder, unet, pipe.base.vae, pipe.base.text_encoder) for p in m.parameters()
               if not p.requires_grad]
     assert frozen and all(p.grad is None for p in frozen)
+
+
+@pytest.mark.parametrize(("stage", "expected"), [
+    ("align", (1e-4, 8, 1)), ("single", (4e-5, 4, 2)), ("multi", (2e-5, 1, 4))])
+def test_train_command_defaults_are_the_release_scripts(tmp_path, stage, expected):
+    """`easyref train` with no optimization flags runs the release's per-stage settings: its learning rates,
+    batches and accumulation, no weight decay, no clipping, at most 28 references (METHOD.md §3)."""
+    from easyref.cli import build_parser
+    from easyref.training.commands import options_from_args
+
+    args = build_parser().parse_args(["train", "--stage", stage, "--data", str(tmp_path / "d.json"),
+                                      "--output", str(tmp_path / "run"), "--model", "m"])
+    opts = options_from_args(args).resolved()
+    assert (opts.learning_rate, opts.batch_size, opts.gradient_accumulation_steps) == expected
+    assert (opts.weight_decay, opts.max_grad_norm, opts.augment.max_references) == (0.0, 0.0, 28)
+    python_api = TrainOptions(stage=stage, data=tmp_path / "d.json", output=tmp_path / "run").resolved()
+    assert (python_api.weight_decay, python_api.max_grad_norm, python_api.augment.max_references) == (0.0, 0.0, 28)

@@ -49,6 +49,7 @@ def add_commands(subparsers) -> None:
 # -- train --------------------------------------------------------------------------------------------
 
 def _add_train(subparsers) -> None:
+    from easyref.training.options import Augmentations, TrainOptions
     from easyref.training.stages import STAGES
 
     train = subparsers.add_parser(
@@ -92,8 +93,8 @@ def _add_train(subparsers) -> None:
                       help="folder the records' relative image paths start from (default: the data file's folder)")
     data.add_argument("--num-workers", metavar="N", type=int, default=4, help="data loading processes (default: 4)")
     aug = train.add_argument_group("augmentation (defaults: the release's)")
-    aug.add_argument("--max-references", metavar="N", type=int, default=24,
-                     help="references kept per group (default: 24)")
+    aug.add_argument("--max-references", metavar="N", type=int, default=Augmentations.max_references,
+                     help=f"references kept per group (default: {Augmentations.max_references})")
     aug.add_argument("--truncate-probability", metavar="P", type=float, default=0.4,
                      help="probability of keeping a random 2..N-1 of a group's N references (default: 0.4)")
     aug.add_argument("--drop-text", metavar="P", type=float, default=0.05, help="caption dropped (default: 0.05)")
@@ -116,17 +117,18 @@ def _add_train(subparsers) -> None:
                      help="seed for weights, data order and noise (default: 42)")
     opt = train.add_argument_group("optimization (defaults: the release's per-stage settings)")
     opt.add_argument("--batch-size", metavar="N", type=int,
-                     help="samples per process per micro-batch (default: align 8, else 1)")
+                     help="samples per process per micro-batch (default: align 8, single 4, multi 1)")
     opt.add_argument("--gradient-accumulation-steps", metavar="N", type=int,
-                     help="micro-batches per step (default: align 1, else 4)")
+                     help="micro-batches per step (default: align 1, single 2, multi 4)")
     opt.add_argument("--learning-rate", metavar="LR", type=float,
-                     help="AdamW learning rate (default: align 1e-4, else 2e-5)")
+                     help="AdamW learning rate (default: align 1e-4, single 4e-5, multi 2e-5)")
     opt.add_argument("--lr-scheduler", default="constant", choices=("constant", "constant_with_warmup", "linear",
                                                                     "cosine"), help="(default: constant)")
     opt.add_argument("--lr-warmup-steps", metavar="N", type=int, default=0, help="(default: 0)")
-    opt.add_argument("--weight-decay", metavar="W", type=float, default=1e-2, help="(default: 0.01)")
-    opt.add_argument("--max-grad-norm", metavar="X", type=float, default=1.0,
-                     help="gradient clipping, 0 = off (default: 1.0)")
+    opt.add_argument("--weight-decay", metavar="W", type=float, default=TrainOptions.weight_decay,
+                     help=f"AdamW weight decay (default: {TrainOptions.weight_decay:g})")
+    opt.add_argument("--max-grad-norm", metavar="X", type=float, default=TrainOptions.max_grad_norm,
+                     help=f"gradient clipping, 0 = off (default: {TrainOptions.max_grad_norm:g}, off)")
     opt.add_argument("--resolution", metavar="PX", type=int, default=1024,
                      help="target image side in pixels (default: 1024)")
     opt.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"),

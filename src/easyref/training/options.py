@@ -26,7 +26,7 @@ class Augmentations:
     """The release's augmentations; the defaults are its settings (METHOD.md §2.6, §3)."""
 
     resolution: int = 1024
-    max_references: int = 24
+    max_references: int = 28  # the release's effective cap
     truncate_probability: float = 0.4
     drop_text: float = 0.05
     drop_references: float = 0.05
@@ -50,11 +50,11 @@ class Augmentations:
             raise InvalidArgumentError(f"resolution must be a multiple of 8 and at least 64, got {self.resolution}")
 
 
-# The release's per-device settings: stage 1 lr 1e-4, batch 8; stage 3 lr 2e-5, batch 1 x 4 accumulated.
-# Stage 2's are not published; it borrows stage 3's.
+# The release's per-device settings (its training scripts, METHOD.md §3): stage 1 lr 1e-4, batch 8;
+# stage 2 lr 4e-5, batch 4 x 2 accumulated; stage 3 lr 2e-5, batch 1 x 4 accumulated.
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "align": {"learning_rate": 1e-4, "batch_size": 8, "gradient_accumulation_steps": 1},
-    "single": {"learning_rate": 2e-5, "batch_size": 1, "gradient_accumulation_steps": 4},
+    "single": {"learning_rate": 4e-5, "batch_size": 4, "gradient_accumulation_steps": 2},
     "multi": {"learning_rate": 2e-5, "batch_size": 1, "gradient_accumulation_steps": 4},
 }
 
@@ -84,8 +84,8 @@ class TrainOptions:
     learning_rate: float | None = None
     lr_scheduler: str = "constant"
     lr_warmup_steps: int = 0
-    weight_decay: float = 1e-2
-    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0  # the release's scripts: no weight decay, no gradient clipping
+    max_grad_norm: float = 0.0  # 0 = off
     resolution: int = 1024
     mixed_precision: str | None = None  # None: what `accelerate launch` / its config says
     seed: int = 42
