@@ -110,6 +110,26 @@ def test_encode_then_generate_from_embeds_matches_references(work, tmp_path, cap
         str(refs / "a.png"), str(refs / "b.jpg")]
 
 
+def test_negative_prompt_default_is_the_models_and_embeds_keep_an_explicit_one(work, tmp_path):
+    """No --negative-prompt: the adapter's default (the release's text), recorded in the sidecar; an
+    embeds file stores a negative prompt only when one was given, and "" stays "" (no negative text)."""
+    from easyref.config import RELEASE_NEGATIVE_PROMPT
+
+    refs = work / "refs"
+    for name, extra in (("default", []), ("empty", ["--negative-prompt", ""])):
+        embeds = tmp_path / f"{name}.safetensors"
+        assert main(["encode", "--model", str(work / "model"), "--ref", str(refs), "--prompt", "a dog",
+                     "--output", str(embeds), *extra]) == 0
+        assert main(_generate(work, tmp_path / f"{name}.png", "--embeds", str(embeds))) == 0
+    assert main(_generate(work, tmp_path / "refs.png", "--ref", str(refs), "--prompt", "a dog")) == 0
+    settings = {name: json.loads((tmp_path / f"{name}.json").read_text())["settings"]
+                for name in ("default", "empty", "refs")}
+    assert settings["default"]["negative_prompt"] == settings["refs"]["negative_prompt"] == RELEASE_NEGATIVE_PROMPT
+    assert settings["empty"]["negative_prompt"] == ""
+    assert np.array_equal(_pixels(tmp_path / "default.png"), _pixels(tmp_path / "refs.png"))
+    assert not np.array_equal(_pixels(tmp_path / "default.png"), _pixels(tmp_path / "empty.png"))
+
+
 def test_folder_reference_and_several_images(work, tmp_path):
     out = tmp_path / "many.png"
     assert main(_generate(work, out, "--ref", str(work / "refs"), "--prompt", "x", "--num-images", "2")) == 0

@@ -22,16 +22,30 @@ def _pixels(image) -> np.ndarray:
 
 
 def test_scale_zero_is_exactly_the_base_pipeline(tiny_model, tiny_pipe, references):
+    """Scale 0 is the base SDXL pipeline given the same negative text: by default the release's negative
+    prompt; an explicit "" is diffusers' own default (SDXL's zero embeddings for the negative branch)."""
     from diffusers import StableDiffusionXLPipeline
+
+    from easyref.config import RELEASE_NEGATIVE_PROMPT
 
     base = StableDiffusionXLPipeline.from_pretrained(tiny_model / "base")
     base.set_progress_bar_config(disable=True)
-    expected = base("a cat", num_inference_steps=2, height=64, width=64, guidance_scale=5.0,
-                    generator=torch.Generator("cpu").manual_seed(7)).images[0]
-    zero = tiny_pipe(references, "a cat", seed=7, scale=0.0, guidance_scale=5.0, **FAST).images[0]
+    assert base.config.force_zeros_for_empty_prompt
+
+    def base_image(**negative):
+        return base("a cat", num_inference_steps=2, height=64, width=64, guidance_scale=5.0,
+                    generator=torch.Generator("cpu").manual_seed(7), **negative).images[0]
+
+    with_release_negative = base_image(negative_prompt=RELEASE_NEGATIVE_PROMPT)
+    zeros = base_image()
+    default = tiny_pipe(references, "a cat", seed=7, scale=0.0, guidance_scale=5.0, **FAST)
+    empty = tiny_pipe(references, "a cat", seed=7, scale=0.0, guidance_scale=5.0, negative_prompt="", **FAST)
     one = tiny_pipe(references, "a cat", seed=7, scale=1.0, guidance_scale=5.0, **FAST).images[0]
-    assert np.array_equal(_pixels(zero), _pixels(expected))
-    assert np.abs(_pixels(one) - _pixels(expected)).max() > 0
+    assert np.array_equal(_pixels(default.images[0]), _pixels(with_release_negative))
+    assert np.array_equal(_pixels(empty.images[0]), _pixels(zeros))
+    assert not np.array_equal(_pixels(zeros), _pixels(with_release_negative))
+    assert (default.settings["negative_prompt"], empty.settings["negative_prompt"]) == (RELEASE_NEGATIVE_PROMPT, "")
+    assert np.abs(_pixels(one) - _pixels(with_release_negative)).max() > 0
 
 
 def test_same_seed_same_image_different_seed_different(tiny_pipe, references):

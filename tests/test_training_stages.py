@@ -113,3 +113,18 @@ def test_train_command_defaults_are_the_release_scripts(tmp_path, stage, expecte
     assert (opts.weight_decay, opts.max_grad_norm, opts.augment.max_references) == (0.0, 0.0, 28)
     python_api = TrainOptions(stage=stage, data=tmp_path / "d.json", output=tmp_path / "run").resolved()
     assert (python_api.weight_decay, python_api.max_grad_norm, python_api.augment.max_references) == (0.0, 0.0, 28)
+
+
+def test_train_negative_prompt_is_recorded_in_the_adapter_and_inherited(tiny_model, tmp_path):
+    """`easyref train --negative-prompt ''` (ShapesWorld's base never saw the release's words) changes the
+    adapter's default; without the flag the --init adapter's default carries on."""
+    from easyref.config import RELEASE_NEGATIVE_PROMPT
+
+    def load(**extra):
+        opts = TrainOptions(stage="multi", data=tmp_path / "d.json", output=tmp_path / "run", model=str(tiny_model),
+                            init=tiny_model / "adapter", lora_rank=4, resolution=64,
+                            augment=Augmentations(resolution=64), **extra).resolved()
+        return loop.load_pipeline(opts)
+
+    assert load().config.negative_prompt == RELEASE_NEGATIVE_PROMPT
+    assert load(negative_prompt="").config.negative_prompt == ""

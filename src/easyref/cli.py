@@ -102,7 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="text prompt; required with --ref. With --embeds the prompt stored in the file "
                           "is used unless this is given")
     gen.add_argument("--negative-prompt", metavar="TEXT",
-                     help="what the image should not show (default: none; with --embeds, the file's)")
+                     help="what the image should not show (default: the model's, for the release "
+                          "'monochrome, lowres, bad anatomy, worst quality, low quality'; with --embeds, the "
+                          "file's if it stored one). An empty string means no negative text")
     gen.add_argument("--output", "-o", metavar="OUT.png", required=True,
                      help="image file to write; its suffix picks the format (.png, .jpg, .webp, ...). "
                           "With --num-images N>1 the files are OUT_0.png ... OUT_{N-1}.png. The sidecar "
@@ -146,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "'generate --embeds' unless it gets its own --prompt")
     enc.add_argument("--negative-prompt", metavar="TEXT",
                      help="prompt encoded with --negative-ref; stored in the file as the default negative "
-                          "prompt (default: none)")
+                          "prompt of 'generate --embeds' (default: none stored: the model's default applies)")
     enc.add_argument("--output", "-o", metavar="FILE.safetensors", required=True,
                      help="embeds file to write (must end in .safetensors; the folder must exist)")
     add_device_options(enc)
@@ -366,7 +368,7 @@ def cmd_generate(args: argparse.Namespace, argv: Sequence[str]) -> int:
         embeds, negative_embeds, metadata = read_embeds(args.embeds)
         prompt = metadata.get("prompt", "") if prompt is None else prompt
         if negative_prompt is None:
-            negative_prompt = metadata.get("negative_prompt") or None
+            negative_prompt = metadata.get("negative_prompt")
         record["embeds"] = {"path": args.embeds, "sha256": sha256_file(args.embeds),
                             "metadata": {key: _maybe_json(value) for key, value in metadata.items()}}
     else:
@@ -424,13 +426,13 @@ def cmd_encode(args: argparse.Namespace, argv: Sequence[str]) -> int:
     pipe = _load_pipeline(args, load_base=False)
     embeds = pipe.encode_references(images, args.prompt)
     if negative_images is not None:
-        negative = pipe.encode_references(negative_images, args.negative_prompt or "")
+        negative_prompt = pipe.config.negative_prompt if args.negative_prompt is None else args.negative_prompt
+        negative = pipe.encode_references(negative_images, negative_prompt)
     else:
         negative = pipe.unconditional_embeds()
     metadata = {
         "format": "pt",
         "prompt": args.prompt,
-        "negative_prompt": args.negative_prompt or "",
         "references": json.dumps(references),
         "negative_references": json.dumps(negative_references),
         "adapter_config": json.dumps(pipe.config.to_dict(), sort_keys=True),
@@ -438,6 +440,8 @@ def cmd_encode(args: argparse.Namespace, argv: Sequence[str]) -> int:
         "easyref_version": _version(),
         "command": _command_line(argv),
     }
+    if args.negative_prompt is not None:  # absent: 'generate --embeds' takes the model's default
+        metadata["negative_prompt"] = args.negative_prompt
     save_safetensors(output, {EMBEDS_KEY: embeds, NEGATIVE_EMBEDS_KEY: negative}, metadata)
     print(output)
     return 0

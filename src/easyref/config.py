@@ -17,6 +17,8 @@ RELEASE_INSTRUCTION = (
     "Visualize a scene that closely resembles the provided images, capturing the essence and "
     "details described in this prompt:\n"
 )
+# The release's inference default: what SDXL's negative branch reads when the user names nothing.
+RELEASE_NEGATIVE_PROMPT = "monochrome, lowres, bad anatomy, worst quality, low quality"
 AGGREGATIONS = ("tokens", "average", "concat")
 REFERENCE_ATTENTIONS = ("bidirectional", "causal")
 # Paper Fig. 9 goes to 112 references; past 128 the MLLM prefill dominates every call.
@@ -44,6 +46,9 @@ class EasyRefConfig:
     ``reference_attention`` is the mask among reference tokens in the final layers:
     ``bidirectional`` (each reference token sees all others: the paper's intent) or ``causal``
     (each sees only earlier ones: what the release computes, see METHOD.md §4).
+
+    ``negative_prompt`` is the text negative prompt used when a call names none: the release's for
+    SDXL; a model whose base never saw those words (ShapesWorld) records "" instead.
     """
 
     mllm_hidden_size: int
@@ -56,6 +61,7 @@ class EasyRefConfig:
     instruction: str = RELEASE_INSTRUCTION
     lora_rank: int | None = None
     max_references: int = MAX_REFERENCES
+    negative_prompt: str = RELEASE_NEGATIVE_PROMPT
 
     def __post_init__(self) -> None:
         if self.aggregation not in AGGREGATIONS:
@@ -76,6 +82,8 @@ class EasyRefConfig:
             raise InvalidArgumentError(
                 f"cond_image_size must be a multiple of 28 and at least 56, got {self.cond_image_size}"
             )
+        if not isinstance(self.negative_prompt, str):
+            raise InvalidArgumentError(f"negative_prompt must be a string, got {self.negative_prompt!r}")
         if self.lora_rank is not None and (not isinstance(self.lora_rank, int) or self.lora_rank < 1):
             raise InvalidArgumentError(f"lora_rank must be a positive integer or null, got {self.lora_rank!r}")
 

@@ -364,8 +364,11 @@ class EasyRefPipeline:
 
         ``scale`` weighs the reference tokens (0 switches them off: exactly the base model's image
         for an adapter without a UNet LoRA; a LoRA from stages single/multi still acts; 1 the
-        trained strength). ``pipeline`` is an optional derived diffusers pipeline (img2img,
-        inpainting, ControlNet) whose extra inputs go in ``pipeline_kwargs``.
+        trained strength). ``negative_prompt=None`` takes the adapter's default (the release's
+        "monochrome, lowres, ..."); ``""`` is no negative text: SDXL's zero embeddings where the base
+        pipeline zeroes an empty negative prompt, as diffusers does for ``None``.
+        ``pipeline`` is an optional derived diffusers pipeline (img2img, inpainting, ControlNet)
+        whose extra inputs go in ``pipeline_kwargs``.
         """
         check_generation_args(height=height, width=width, scale=scale, guidance_scale=guidance_scale,
                               num_inference_steps=num_inference_steps, num_images=num_images, seed=seed)
@@ -374,13 +377,15 @@ class EasyRefPipeline:
         if target.unet is not self.base.unet:
             raise InvalidArgumentError("pipeline must share this EasyRef UNet: build it with pipe.derive(...)")
         guidance = guidance_scale > 1
+        if negative_prompt is None:
+            negative_prompt = self.config.negative_prompt
         ip_embeds = self.ip_adapter_embeds(references, prompt, embeds=embeds, negative_embeds=negative_embeds,
                                            negative_references=negative_references,
-                                           negative_prompt=negative_prompt or "", guidance=guidance)
+                                           negative_prompt=negative_prompt, guidance=guidance)
         unet_adapter.set_scale(self.base.unet, float(scale))
         generator = torch.Generator("cpu").manual_seed(seed)
         target.set_progress_bar_config(disable=not progress)
-        result = target(prompt=prompt, negative_prompt=negative_prompt, ip_adapter_image_embeds=ip_embeds,
+        result = target(prompt=prompt, negative_prompt=negative_prompt or None, ip_adapter_image_embeds=ip_embeds,
                         generator=generator, num_inference_steps=num_inference_steps,
                         guidance_scale=guidance_scale, height=height, width=width,
                         num_images_per_prompt=num_images, **pipeline_kwargs)

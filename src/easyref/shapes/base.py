@@ -6,7 +6,7 @@ Everything EasyRef touches has SDXL's shape, at a size a CPU trains in minutes::
             ─ text_encoder (CLIPTextModel) ⊕ text_encoder_2 (CLIPTextModelWithProjection), both the world
               CLIP's frozen text tower: penultimate hidden states concatenated → cross-attention context,
               text_encoder_2's projected pooled output + (original size, crop, target size) → "text_time"
-    64x64 image ─ AutoencoderKL (4x down) ─ 16x16x4 latents ─ UNet2DConditionModel (epsilon, SDXL betas)
+    64x64 image ─ AutoencoderKL (4x down) ─ 16x16x8 latents ─ UNet2DConditionModel (epsilon, SDXL betas)
 
 Two stages run on the shared loop (:func:`easyref.training.steps.train`), each in its own work
 folder so an interrupted run resumes where it stopped:
@@ -47,7 +47,6 @@ from easyref.shapes.splits import random_held_out_attributes, random_train_attri
 from easyref.shapes.world import ATTRIBUTES, IMAGE_SIZE, PATTERNS, Attributes, clean_scene, render
 from easyref.training.steps import LoopSettings, step_generator, step_rng, train
 
-LATENT_CHANNELS = 4
 VAE_DOWNSCALE = 4  # 64x64 pixels -> 16x16 latents
 LATENT_SIZE = IMAGE_SIZE // VAE_DOWNSCALE
 # SDXL's micro-conditioning, (original size, crop top-left, target size): renders are never resized or cropped.
@@ -68,23 +67,26 @@ class BaseSettings:
     """Model sizes and the two stages' budgets; the defaults are the full run."""
 
     vae_channels: tuple[int, ...] = (16, 32, 64)
-    vae_steps: int = 2000
+    # 8 latent channels, not SD's 4: at 4x downsampling 4 channels kept too little of stripes and outlines
+    # for the judge to accept (measured: 0.32 vs 0.55 judge-passed reconstructions after 1000 / 1500 steps)
+    vae_latent_channels: int = 8
+    vae_steps: int = 6000
     vae_batch: int = 16
     vae_crop: int = 32
-    vae_learning_rate: float = 1e-3
+    vae_learning_rate: float = 2e-3
     vae_kl_weight: float = 1e-6
-    vae_loss: str = "mse"
+    vae_loss: str = "l1"  # sharper edges than squared error, whose blur the judge rejects
     vae_eval_images: int = 256  # for the latent scaling factor and the reconstruction report
     unet_channels: tuple[int, ...] = (32, 64)
     unet_heads: tuple[int, ...] = (1, 2)
     unet_layers_per_block: int = 1
     unet_norm_groups: int = 8
-    unet_steps: int = 2500
+    unet_steps: int = 6000
     unet_batch: int = 32
     unet_learning_rate: float = 1e-3
     unet_warmup_steps: int = 100
     caption_dropout: float = 0.1
-    snr_gamma: float | None = None
+    snr_gamma: float | None = 5.0
 
     def with_steps(self, steps: int) -> BaseSettings:
         """Both stages shortened (or lengthened) to ``steps`` steps: what tests and smoke runs use."""
@@ -95,7 +97,7 @@ class BaseSettings:
 # -- components -----------------------------------------------------------------------------------
 
 def build_vae(settings: BaseSettings) -> AutoencoderKL:
-    """An SD-style KL autoencoder, 3 resolution levels (64 → 32 → 16), 4 latent channels.
+    """An SD-style KL autoencoder, 3 resolution levels (64 → 32 → 16), ``vae_latent_channels`` latent channels.
 
     No attention in the middle block: without it the VAE is purely convolutional, so training on
     crops (4x cheaper per step) teaches exactly what whole images would. Group norms hold at least
@@ -104,7 +106,7 @@ def build_vae(settings: BaseSettings) -> AutoencoderKL:
     """
     levels = len(settings.vae_channels)
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=LATENT_CHANNELS, sample_size=IMAGE_SIZE,
+        in_channels=3, out_channels=3, latent_channels=settings.vae_latent_channels, sample_size=IMAGE_SIZE,
         down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
         block_out_channels=settings.vae_channels, layers_per_block=1, norm_num_groups=8,
         mid_block_add_attention=False,
@@ -144,7 +146,8 @@ def build_unet(settings: BaseSettings, text_encoder: CLIPTextModel,
     levels = len(settings.unet_channels)
     pooled_dim = text_encoder_2.config.projection_dim
     return UNet2DConditionModel(
-        sample_size=LATENT_SIZE, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
+        sample_size=LATENT_SIZE, in_channels=settings.vae_latent_channels,
+        out_channels=settings.vae_latent_channels,
         block_out_channels=settings.unet_channels, layers_per_block=settings.unet_layers_per_block,
         down_block_types=("CrossAttnDownBlock2D",) * levels, up_block_types=("CrossAttnUpBlock2D",) * levels,
         attention_head_dim=settings.unet_heads,  # diffusers' name for the number of heads
@@ -270,7 +273,8 @@ def train_vae(settings: BaseSettings, work_dir: Path, seed: int, progress: bool)
         return AutoencoderKL.from_pretrained(finished).requires_grad_(False).eval(), summary
     torch.manual_seed(seed)
     vae = build_vae(settings)
-    loop = LoopSettings(steps=settings.vae_steps, learning_rate=settings.vae_learning_rate, seed=seed)
+    loop = LoopSettings(steps=settings.vae_steps, learning_rate=settings.vae_learning_rate, seed=seed,
+                        warmup_steps=min(100, settings.vae_steps // 10))
     summary = train("base-vae", vae, vae_step_loss(vae, settings, seed), loop, work_dir, progress)
     vae.requires_grad_(False).eval()
     vae.register_to_config(scaling_factor=latent_scaling_factor(vae, seed, settings.vae_eval_images))

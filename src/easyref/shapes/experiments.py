@@ -112,7 +112,7 @@ def train_stage(stage: str, run: Path, data: Path, pretrained: Path, budget: Sta
             "--max-steps", budget.steps, "--batch-size", budget.batch, "--gradient-accumulation-steps", 1,
             "--learning-rate", budget.learning_rate, "--save-steps", max(1, budget.steps // 4),
             "--max-grad-norm", recipe.max_grad_norm, "--num-workers", 0, "--seed", recipe.seed,
-            "--aggregation", aggregation]
+            "--aggregation", aggregation, "--negative-prompt", ""]
     if init is None:
         args += ["--num-reference-tokens", recipe.reference_tokens, "--cond-image-size", recipe.cond_image_size]
     else:

@@ -78,6 +78,11 @@ def _add_train(subparsers) -> None:
                             "reference alone, reference-token outputs averaged), 'concat' (the final layer's outputs "
                             "at every image token). Given with --init, training continues the same parameters under "
                             "this aggregation (default: the --init adapter's, else tokens)")
+    model.add_argument("--negative-prompt", metavar="TEXT",
+                       help="text negative prompt the trained adapter uses when a generation names none: "
+                            "validation images here and 'easyref generate' later; '' for a base that never saw "
+                            "the release's words (default: the --init adapter's, else the release's 'monochrome, "
+                            "lowres, bad anatomy, worst quality, low quality')")
     model.add_argument("--lora-rank", type=int, metavar="R",
                        help="UNet LoRA rank for stages single and multi (default: the --init adapter's, else 128)")
     fresh = train.add_argument_group("a new adapter (stage align without --init)")
@@ -174,7 +179,8 @@ def options_from_args(args: argparse.Namespace):
         validation_inference_steps=args.validation_inference_steps,
         validation_guidance_scale=args.validation_guidance_scale, num_reference_tokens=args.num_reference_tokens,
         num_final_layers=args.num_final_layers, cond_image_size=args.cond_image_size,
-        reference_attention=args.reference_attention, aggregation=args.aggregation, progress=not args.no_progress,
+        reference_attention=args.reference_attention, aggregation=args.aggregation,
+        negative_prompt=args.negative_prompt, progress=not args.no_progress,
         pause_after_steps=args.pause_after_steps,
     )
 

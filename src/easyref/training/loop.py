@@ -122,6 +122,8 @@ def load_pipeline(opts: TrainOptions) -> EasyRefPipeline:
     if opts.aggregation is not None and opts.aggregation != pipe.config.aggregation:
         # The three aggregations use the same parameters; only how they are combined differs.
         pipe.set_aggregation(opts.aggregation)
+    if opts.negative_prompt is not None:
+        pipe.set_config(negative_prompt=opts.negative_prompt)
     return pipe
 
 

@@ -108,6 +108,8 @@ class TrainOptions:
     reference_attention: str | None = None
     # None: the --init adapter's aggregation (a new adapter: tokens); may change an --init adapter's.
     aggregation: str | None = None
+    # None: the --init adapter's default negative prompt (a new adapter: the release's); recorded in the adapter.
+    negative_prompt: str | None = None
     progress: bool = True
     # Debug: after this step's checkpoint, every process stops and waits to be killed (tests of --resume).
     pause_after_steps: int | None = None
