@@ -100,7 +100,9 @@ def test_scores_match_an_independent_computation(scored_run, metric_models):
         dino_gen, dino_target = (dino(**dino_pixels(images=[im], return_tensors="pt")).pooler_output
                                  for im in (generated, target))
     assert row["clip_i"] == pytest.approx(_cosine(clip_gen, clip_target), abs=1e-5)
-    assert row["clip_t"] == pytest.approx(_cosine(clip_gen, text), abs=1e-5)
+    # CLIP-T is CLIPScore, the paper's scale; the raw cosine is kept beside it.
+    assert row["clip_t_cosine"] == pytest.approx(_cosine(clip_gen, text), abs=1e-5)
+    assert row["clip_t"] == pytest.approx(2.5 * max(_cosine(clip_gen, text), 0.0), abs=1e-5)
     assert row["dino_i"] == pytest.approx(_cosine(dino_gen, dino_target), abs=1e-5)
     assert row["clip_i"] < 0.99999
 

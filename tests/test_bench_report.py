@@ -31,7 +31,7 @@ def _fake_run(root: Path, manifest: Path, method: str, settings: dict, offset: f
         for split in ("held-in", "held-out"):
             for g in range(12):
                 for seed in range(2):
-                    values = rng.uniform(0.5, 0.8, 3) + offset
+                    values = rng.uniform(0.5, 0.8, 4) + offset
                     writer.writerow([f"{split}-{g}", split, f"d{g % 2}", method, seed, seed, 1 + g % 4,
                                      f"images/{split}-{g}/{seed}.png", *(f"{v:.6f}" for v in values)])
     return run

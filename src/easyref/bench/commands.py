@@ -61,8 +61,9 @@ def add_commands(subparsers) -> None:
 
     score = _command(
         commands, "score", cmd_score, help="compute CLIP-I, CLIP-T and DINO-I for run folders",
-        description="Score every finished image of each RUN folder: CLIP-I (generated vs target), CLIP-T "
-                    "(generated vs caption) and DINO-I (generated vs target), all cosine similarities. Writes "
+        description="Score every finished image of each RUN folder: CLIP-I (generated vs target) and DINO-I "
+                    "(generated vs target), cosine similarities, and CLIP-T (generated vs caption) as CLIPScore, "
+                    "2.5 x max(cosine, 0), the paper's scale (the raw cosine is kept as clip_t_cosine). Writes "
                     "RUN/scores.csv and RUN/scores.json and prints a summary with 95% intervals.")
     score.add_argument("runs", nargs="+", metavar="RUN", help="run folders written by 'easyref bench run'")
     score.add_argument("--clip", required=True, metavar="ID_OR_DIR",

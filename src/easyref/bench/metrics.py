@@ -1,10 +1,13 @@
 """MRBench metrics (paper §5): CLIP-I, CLIP-T and DINO-I, their per-split summaries and paired comparisons.
 
-All three are cosine similarities, higher is better:
+Higher is better for all three:
 
-* **CLIP-I**: CLIP image embedding of the generated image vs that of the group's target image;
-* **CLIP-T**: CLIP image embedding of the generated image vs CLIP text embedding of the caption;
-* **DINO-I**: DINOv2 embedding (the pooled, layer-normed CLS token) of generated vs target.
+* **CLIP-I**: cosine of the CLIP image embeddings of the generated image and the group's target image;
+* **CLIP-T**: CLIPScore (Hessel et al. 2021), ``2.5 x max(cos, 0)`` of the generated image's CLIP image
+  embedding and the caption's CLIP text embedding: the scale of the paper's CLIP-T (0.6-0.73) and of
+  IP-Adapter's evaluation; raw image-text cosines sit near 0.2-0.35. The raw cosine is kept in
+  ``scores.csv`` as ``clip_t_cosine``;
+* **DINO-I**: cosine of the DINOv2 embeddings (the pooled, layer-normed CLS token) of generated vs target.
 
 :func:`score_runs` writes ``scores.csv`` (one row per generated image) and ``scores.json`` (which
 models scored it) into each run folder. Everything downstream (summaries, reports, comparisons)
@@ -42,7 +45,9 @@ METRICS = ("clip_i", "clip_t", "dino_i")
 METRIC_LABELS = {"clip_i": "CLIP-I", "clip_t": "CLIP-T", "dino_i": "DINO-I"}
 SCORES = "scores.csv"
 SCORES_INFO = "scores.json"
-COLUMNS = ("group_id", "split", "domain", "method", "seed", "index", "references", "image", *METRICS)
+CLIPSCORE_WEIGHT = 2.5
+RAW_CLIP_T = "clip_t_cosine"
+COLUMNS = ("group_id", "split", "domain", "method", "seed", "index", "references", "image", *METRICS, RAW_CLIP_T)
 RESAMPLES = 1000
 LEVEL = 0.95
 
@@ -179,8 +184,9 @@ def _check_run(run: Path) -> list[GeneratedImage]:
 
 
 def _score_images(images: Sequence[GeneratedImage], models: MetricModels, batch_size: int,
-                  desc: str) -> list[tuple[float, float, float]]:
-    """(CLIP-I, CLIP-T, DINO-I) per image; each target and caption is embedded once, however many seeds."""
+                  desc: str) -> list[tuple[float, float, float, float]]:
+    """(CLIP-I, CLIP-T, DINO-I, raw CLIP-T cosine) per image; each target and caption is embedded once,
+    however many seeds."""
     targets: dict[str, tuple] = {}
     captions: dict[str, object] = {}
     results = []
@@ -197,9 +203,15 @@ def _score_images(images: Sequence[GeneratedImage], models: MetricModels, batch_
         pictures = [load_image(i.path) for i in batch]
         for image, clip, dino in zip(batch, models.clip_images(pictures), models.dino_images(pictures), strict=True):
             target_clip, target_dino = targets[image.sidecar["target"]]
-            results.append((float(clip @ target_clip), float(clip @ captions[image.sidecar["caption"]]),
-                            float(dino @ target_dino)))
+            text_cosine = float(clip @ captions[image.sidecar["caption"]])
+            results.append((float(clip @ target_clip), clip_score(text_cosine), float(dino @ target_dino),
+                            text_cosine))
     return results
+
+
+def clip_score(cosine: float) -> float:
+    """CLIPScore from an image-text cosine: ``2.5 x max(cos, 0)`` (Hessel et al. 2021)."""
+    return CLIPSCORE_WEIGHT * max(cosine, 0.0)
 
 
 def _write_scores(run: Path, images: Sequence[GeneratedImage], scores: Sequence[tuple], method: str) -> Path:
@@ -253,10 +265,11 @@ def read_scores(path: str | Path) -> list[dict]:
         reader = csv.DictReader(handle)
         missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
-            raise BenchFormatError(f"{path}: missing column(s) {', '.join(missing)}")
+            raise BenchFormatError(f"{path}: missing column(s) {', '.join(missing)}; score the run again with "
+                                   f"'easyref bench score'")
         try:
-            rows = [{**row, "references": int(row["references"]), **{m: float(row[m]) for m in METRICS}}
-                    for row in reader]
+            rows = [{**row, "references": int(row["references"]),
+                     **{m: float(row[m]) for m in (*METRICS, RAW_CLIP_T)}} for row in reader]
         except ValueError as exc:
             raise BenchFormatError(f"{path} line {reader.line_num}: {exc}") from None
     if not rows:

@@ -201,7 +201,7 @@ def comparison_tables(runs: Sequence[ScoredRun]) -> list[str]:
 
 def _finish(figure, axes, path: Path, plt) -> Path:
     """Shared axis label, one legend under the panels (never over the data), atomic PNG write."""
-    axes[0].set_ylabel("cosine similarity (95% CI)")
+    axes[0].set_ylabel("cosine (CLIP-T: CLIPScore), 95% CI")
     handles, labels = axes[0].get_legend_handles_labels()
     figure.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(len(labels), 3),
                   fontsize="small", frameon=False)
@@ -282,6 +282,8 @@ def write_report(runs: Sequence[str | Path], output_folder: str | Path) -> Path:
                   ", ".join(f"{k}={v}" for k, v in sorted((run.info.get("settings") or {}).items())) or "—",
                   run.info.get("bench", "?"), len(run.rows)] for run in scored]),
         "## Measured here", "",
+        "CLIP-I and DINO-I: cosine similarity to the target. CLIP-T: CLIPScore, 2.5 x max(cosine to the "
+        "caption, 0), the paper's scale (raw cosines are in scores.csv as clip_t_cosine).", "",
         *measured_table(scored),
         f"![scores per split, with 95% intervals]({METRICS_PLOT})", "",
         "### By domain (mean [95% CI])", "",
