@@ -276,3 +276,28 @@ def test_saving_keeps_the_base_pipelines_options(tiny_model, references, tmp_pat
     a = pipe(references, "x", seed=5, **FAST).images[0]
     b = again(references, "x", seed=5, **FAST).images[0]
     assert np.array_equal(_pixels(a), _pixels(b))
+
+
+def test_mllm_precision_is_chosen_apart_from_sdxl(tiny_model, tiny_pipe, references, monkeypatch):
+    """The MLLM may run in bfloat16 (the release's choice on GPU) while SDXL keeps its own dtype; its tokens
+    reach the UNet in the UNet's dtype and stay close to the float32 encoding."""
+    from easyref import devices
+    from easyref.pipeline import EasyRefPipeline
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert devices.pick_mllm_dtype(None, cpu, torch.float32) == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert devices.pick_mllm_dtype("auto", cuda, torch.float16) == torch.bfloat16
+    assert devices.pick_mllm_dtype("auto", cuda, torch.float32) == torch.float32  # full precision asked for
+    assert devices.pick_mllm_dtype("float16", cuda, torch.float16) == torch.float16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert devices.pick_mllm_dtype("auto", cuda, torch.float16) == torch.float32
+
+    mixed = EasyRefPipeline.from_pretrained(tiny_model, device="cpu", torch_dtype="float32", mllm_dtype="bfloat16")
+    assert mixed.encoder.mllm.dtype == mixed.encoder.dtype == torch.bfloat16
+    assert mixed.base.unet.dtype == torch.float32
+    low, full = mixed.encode_references(references, "a cat"), tiny_pipe.encode_references(references, "a cat")
+    assert torch.nn.functional.cosine_similarity(low.float().flatten(), full.flatten(), dim=0) > 0.98
+    assert mixed.ip_adapter_embeds(references, "a cat")[0].dtype == torch.float32
+    image = np.asarray(mixed(references, "a cat", seed=1, **FAST).images[0])
+    assert image.std() > 0

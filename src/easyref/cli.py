@@ -246,6 +246,7 @@ def _model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def _check_hardware(args: argparse.Namespace) -> None:
     from easyref.devices import pick_device, pick_dtype
 
+    pick_dtype(getattr(args, "mllm_dtype", None), pick_device(args.device))
     pick_dtype(args.dtype, pick_device(args.device))
 
 
@@ -290,7 +291,8 @@ def _load_pipeline(args: argparse.Namespace, load_mllm: bool = True, load_base: 
 
     _say("loading model...")
     return EasyRefPipeline.from_pretrained(args.model, **_model_kwargs(args), device=args.device,
-                                           torch_dtype=args.dtype, load_mllm=load_mllm, load_base=load_base)
+                                           torch_dtype=args.dtype, mllm_dtype=getattr(args, "mllm_dtype", None),
+                                           load_mllm=load_mllm, load_base=load_base)
 
 
 def read_embeds(path: str | Path) -> tuple[Any, Any, dict[str, str]]:
@@ -393,6 +395,7 @@ def cmd_generate(args: argparse.Namespace, argv: Sequence[str]) -> int:
         **record,
         "device": str(pipe.device),
         "dtype": str(pipe.base.unet.dtype).removeprefix("torch."),
+        "mllm_dtype": str(pipe.encoder.dtype).removeprefix("torch.") if pipe.encoder is not None else None,
         "command": _command_line(argv),
         "versions": package_versions(),
     }

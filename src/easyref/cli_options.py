@@ -44,8 +44,12 @@ def add_device_options(parser: argparse.ArgumentParser) -> None:
                        help="where to run: auto (this process's GPU under accelerate launch, else CUDA, "
                             "then Apple MPS, else CPU), cpu, cuda, cuda:1, mps (default: auto)")
     group.add_argument("--dtype", default="auto", metavar="NAME",
-                       help="weight precision: auto (float16 on GPU, float32 on CPU), float32, float16, "
+                       help="SDXL's weight precision: auto (float16 on GPU, float32 on CPU), float32, float16, "
                             "bfloat16 (default: auto)")
+    group.add_argument("--mllm-dtype", default="auto", metavar="NAME",
+                       help="the MLLM's precision: auto (bfloat16 on a CUDA GPU that has it, as the release; "
+                            "Qwen2 overflows in float16; float32 on CPU or with --dtype float32), float32, "
+                            "bfloat16, float16 (default: auto)")
 
 
 # The sampling flags of 'generate' and 'bench run', by the Python names the pipeline checks them under.

@@ -36,3 +36,14 @@ def pick_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dt
     if name not in DTYPES:
         raise InvalidArgumentError(f"unknown dtype {name!r}; choose from {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+def pick_mllm_dtype(name: str | torch.dtype | None, device: torch.device, base_dtype: torch.dtype) -> torch.dtype:
+    """The MLLM's precision. ``None``/"auto": bfloat16 on a CUDA GPU that has it (the release's choice:
+    Qwen2's activations overflow float16), else float32; float32 too when the base runs in float32,
+    so asking for full precision gets it everywhere."""
+    if name not in (None, "auto"):
+        return pick_dtype(name, device)
+    if device.type == "cuda" and base_dtype != torch.float32 and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32

@@ -24,7 +24,7 @@ from PIL import Image
 
 from easyref import adapter as unet_adapter
 from easyref.config import AGGREGATIONS, EasyRefConfig
-from easyref.devices import pick_device, pick_dtype
+from easyref.devices import pick_device, pick_dtype, pick_mllm_dtype
 from easyref.encoder import ReferenceEncoder, VisionBatching
 from easyref.errors import InvalidArgumentError, ModelFormatError, ShapeMismatchError
 from easyref.hub import resolve
@@ -164,13 +164,15 @@ class EasyRefPipeline:
     def from_pretrained(cls, model: str | Path | None = None, *, base: str | Path | None = None,
                         mllm: str | Path | None = None, adapter: str | Path | None = None,
                         device: str | None = None, torch_dtype: str | torch.dtype | None = None,
-                        load_mllm: bool = True, load_base: bool = True,
+                        mllm_dtype: str | torch.dtype | None = None, load_mllm: bool = True, load_base: bool = True,
                         vision_batching: VisionBatching = "auto") -> EasyRefPipeline:
         """Load from a model folder (``base/``, ``mllm/``, ``adapter/``) and/or one source per part.
 
-        Each part is a local folder or a hub id. ``load_mllm=False`` skips the MLLM: the pipeline
-        then generates only from precomputed embeds. ``load_base=False`` skips SDXL: the pipeline
-        then only encodes references.
+        Each part is a local folder or a hub id. ``torch_dtype`` is SDXL's precision (auto: float16 on
+        a GPU, float32 on CPU), ``mllm_dtype`` the MLLM's (auto: bfloat16 on CUDA, else float32; see
+        :func:`easyref.devices.pick_mllm_dtype`); the reference tokens are cast to the UNet's dtype.
+        ``load_mllm=False`` skips the MLLM: the pipeline then generates only from precomputed embeds.
+        ``load_base=False`` skips SDXL: the pipeline then only encodes references.
         """
         parts = _model_parts(model, base, mllm, adapter)
         needed = ("adapter",) + (("base",) if load_base else ()) + (("mllm",) if load_mllm else ())
@@ -179,12 +181,13 @@ class EasyRefPipeline:
                 raise ModelFormatError(f"no {part} given: pass a model folder or {part}=...")
         target = pick_device(device)
         dtype = pick_dtype(torch_dtype, target)
+        encoder_dtype = pick_mllm_dtype(mllm_dtype, target, dtype)
         adapter_folder = resolve(parts["adapter"], "adapter")
         config = EasyRefConfig.load(adapter_folder)
         sd = cls.load_base(parts["base"], dtype) if load_base else None
         encoder = None
         if load_mllm:
-            model_, mllm_folder = cls.load_mllm(parts["mllm"], dtype)
+            model_, mllm_folder = cls.load_mllm(parts["mllm"], encoder_dtype)
             processor = ReferenceProcessor.from_pretrained(mllm_folder, config)
             encoder = ReferenceEncoder(model_, processor, config, vision_batching)
         pipe = cls(sd, encoder, config)
