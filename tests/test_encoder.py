@@ -121,6 +121,54 @@ def test_two_final_layers(tiny_pipe):
     assert _encode(encoder, [random_image(64, 64, 1)]).shape[1] == config.num_reference_tokens
 
 
+def _text_model(language_model, layers, norm):
+    """A stock transformers text model holding exactly ``layers`` and ``norm`` (copied weights)."""
+    config = copy.deepcopy(language_model.config)
+    config.num_hidden_layers = len(layers)
+    if getattr(config, "layer_types", None):
+        config.layer_types = config.layer_types[:len(layers)]
+    model = type(language_model)(config).eval()
+    for mine, theirs in zip(model.layers, layers, strict=True):
+        mine.load_state_dict(theirs.state_dict())
+    model.norm.load_state_dict(norm.state_dict())
+    return model
+
+
+def test_two_final_layers_match_an_independent_computation(tiny_pipe):
+    """K = 2: the backbone is the MLLM's first L-2 layers + its final norm, then the (trained) copy of the
+    last 2 layers + norm runs over [prefix ; reference tokens]; recomputed here with transformers' own
+    text-model forward (its masks and rotary embeddings), causal reference attention as in the release."""
+    from easyref.encoder import ReferenceEncoder
+
+    config = copy.deepcopy(tiny_pipe.config)
+    config.num_final_layers, config.reference_attention = 2, "causal"
+    encoder = ReferenceEncoder(tiny_pipe.encoder.mllm_for_saving(), tiny_pipe.encoder.processor, config).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():  # a trained copy differs from the MLLM's own last layers
+        for param in encoder.final.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    images, prompt = [random_image(64, 64, 1), random_image(84, 56, 2)], "a cat"
+    inputs = encoder.processor.rows([images], [prompt])
+    lm, ids, mask = encoder.language_model, inputs["input_ids"], inputs["attention_mask"]
+    layers = lm.config.num_hidden_layers
+    with torch.no_grad():
+        image_tokens = encoder.encode_images(inputs["pixel_values"], inputs["image_grid_thw"])
+        embeds = lm.embed_tokens(ids).masked_scatter((ids == encoder.mllm.config.image_token_id)[..., None],
+                                                     image_tokens)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        prefix = _text_model(lm, lm.layers[:layers - 2], lm.norm)(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=positions).last_hidden_state
+        tokens = encoder.final.reference_tokens[None]
+        full_mask = torch.cat([mask, mask.new_ones(1, tokens.shape[1])], dim=1)
+        out = _text_model(lm, encoder.final.layers, encoder.final.norm)(
+            inputs_embeds=torch.cat([prefix, tokens], dim=1), attention_mask=full_mask,
+            position_ids=(full_mask.cumsum(-1) - 1).clamp(min=0)).last_hidden_state
+        expected = encoder.projection(out[:, ids.shape[1]:])
+        actual = encoder.encode([images], [prompt])
+    assert actual.shape == (1, config.num_reference_tokens, config.cross_attention_dim)
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-4)
+
+
 def test_qwen2_5_vl_is_served_by_the_same_code(tiny_model, tmp_path):
     from easyref.pipeline import EasyRefPipeline
     from easyref.tiny import write_tiny_mllm
