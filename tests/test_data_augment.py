@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from easyref.errors import InvalidArgumentError
 from easyref.images import release_resize
 from easyref.training.data import (
     Collator,
@@ -89,6 +90,30 @@ def test_single_reference_records_share_the_target_crop(images):
     assert np.array_equal(np.asarray(sample.references[0]), np.asarray(release_resize(Image.fromarray(target))))
 
 
+def test_release_crops_per_stage_and_aspect_kept_for_groups(images):
+    """Stages align/single: a centre square; multi: the whole target at about resolution² pixels with its
+    aspect ratio kept (sides rounded up to multiples of 64) and its true size as SDXL's conditioning."""
+    from easyref.training.data import keep_aspect
+    from easyref.training.options import TrainOptions
+
+    def resolved(stage, **aug):
+        return TrainOptions(stage=stage, data=images / "d.json", output=images / "run",
+                            augment=Augmentations(resolution=128, **aug)).resolved().augment.crop
+
+    assert [resolved(stage) for stage in ("align", "single", "multi")] == ["center", "center", "aspect"]
+    assert resolved("multi", crop="random") == "random"
+    with pytest.raises(InvalidArgumentError, match="crop must be one of"):
+        Augmentations(crop="square")
+    wide, time_ids = keep_aspect(solid(300, 100, (1, 2, 3)), 128)
+    # 300x100 at 128² pixels: 221.7 x 73.9, rounded up to multiples of 64
+    assert wide.size == (256, 128) and time_ids == (100, 300, 0, 0, 128, 256)
+    group = [{"image_file": ["a.png", "b.png"], "text": ["x"], "target": name} for name in ("t.png", "c.png")]
+    ds = dataset(images, group, crop="aspect", **NO_DROPS)
+    assert tuple(ds[0].pixels.shape) == (3, 64, 64 + 64) and ds[0].time_ids == (80, 100, 0, 0, 64, 128)
+    with pytest.raises(TrainingDataError, match="--batch-size 1"):
+        Collator(None)([ds[0], dataset(images, group, crop="center", **NO_DROPS)[0]])
+
+
 def test_sdxl_micro_conditioning_follows_the_crop():
     image = solid(100, 80, (9, 9, 9))
     crops = [crop_target(image, 64, random.Random(s))[1] for s in range(40)]
@@ -99,7 +124,9 @@ def test_sdxl_micro_conditioning_follows_the_crop():
     assert crop_target(image, 64, None)[1] == (80, 100, 0, 8, 64, 64)  # centred without an rng
 
 
-def test_face_crop_is_a_square_around_the_box_grown_up_to_half_and_flipped_sometimes(images):
+def test_face_crop_is_a_square_around_the_box_grown_by_whole_percentages_and_flipped_sometimes(images):
+    """The release's face reference: the square around the first box, each side moved out by a random
+    whole 0..49% of the square (side 40 -> 40 x (1 + 2 p / 100)), flipped half the time."""
     face = Image.open(images / "face.png").convert("RGB")
     box = (40.0, 30.0, 70.0, 70.0, 1.0)
     plain = face_reference(face, box, None)
@@ -108,15 +135,18 @@ def test_face_crop_is_a_square_around_the_box_grown_up_to_half_and_flipped_somet
     assert red.mean() > 0.7  # mostly the face
     sides, flips = set(), 0
     for seed in range(60):
-        crop = face_reference(face, box, random.Random(seed), expand=0.5, flip=0.5)
+        crop = face_reference(face, box, random.Random(seed), flip=0.5)
         assert crop.size[0] == crop.size[1]
         sides.add(crop.size[0])
         green = np.asarray(crop)[..., 1].astype(float)
         flips += green[:, : crop.size[0] // 2].mean() < green[:, crop.size[0] // 2:].mean()
-    assert min(sides) >= 40 and max(sides) <= 60 and len(sides) > 5
+    assert min(sides) >= 40 and max(sides) <= round(40 * 1.98) + 1 and len(sides) > 20  # +1: pixel rounding
+    assert max(sides) > 70  # up to 49% per side, not the old 25%
+    assert all(any(abs(side - 40 * (1 + 2 * p / 100)) <= 1 for p in range(50)) for side in sides)
     assert 10 < flips < 50
-    ds = dataset(images, [{"face": [[40, 30, 70, 70, 0.9]], "text": ["x"], "target": "face.png"}], **NO_DROPS)
-    assert np.asarray(ds[0].references[0])[..., 0].mean() > 100  # the reference is the face crop
+    ds = dataset(images, [{"face": [[40, 30, 70, 70, 0.1], [0, 0, 20, 20, 0.9]], "text": ["x"],
+                           "target": "face.png"}], face_expand=0.0, **NO_DROPS)
+    assert np.asarray(ds[0].references[0])[..., 0].mean() > 100  # the FIRST box's face, not the best-scored
 
 
 def test_unreadable_records_are_skipped_and_counted(images):

@@ -24,7 +24,7 @@ def test_three_record_kinds_parse_as_the_release_writes_them():
     assert records[1].captions == ("a dog",)  # a plain string is one caption
     assert records[2].captions == ("",)  # no caption: the empty one
     assert records[1].image_files() == ["a.jpg", "b.jpg", "t2.jpg"]
-    assert records[2].best_face() == (5.0, 5.0, 50.0, 50.0, 0.9)
+    assert records[2].face() == (1.0, 2.0, 30.0, 40.0, 0.5)  # the first box, as the release, not the best score
     assert count_kinds(records) == {"single": 1, "group": 1, "face": 1}
     assert parse_records([record_to_json(r) for r in records]) == records
 

@@ -88,7 +88,7 @@ def test_overfitting_one_group_lowers_the_loss_and_moves_generation_to_the_targe
 
     model = model_with_full_resolution_attention
     augment = Augmentations(resolution=64, drop_text=0, drop_references=0, drop_both=0, truncate_probability=0,
-                            random_crop=False)
+                            crop="center")
     adapter = train(TrainOptions(
         stage="multi", data=group, output=tmp_path / "run", model=str(model), init=model / "adapter",
         max_steps=30, save_steps=1000, batch_size=2, gradient_accumulation_steps=1, learning_rate=3e-3,

@@ -49,7 +49,7 @@ def add_commands(subparsers) -> None:
 # -- train --------------------------------------------------------------------------------------------
 
 def _add_train(subparsers) -> None:
-    from easyref.training.options import Augmentations, TrainOptions
+    from easyref.training.options import CROPS, Augmentations, TrainOptions
     from easyref.training.stages import STAGES
 
     train = subparsers.add_parser(
@@ -106,11 +106,16 @@ def _add_train(subparsers) -> None:
     aug.add_argument("--drop-references", metavar="P", type=float, default=0.05,
                      help="references replaced by the black unconditional image (default: 0.05)")
     aug.add_argument("--drop-both", metavar="P", type=float, default=0.05, help="both dropped (default: 0.05)")
-    aug.add_argument("--face-expand", metavar="F", type=float, default=0.5,
-                     help="face box grown by a random 0..this fraction (default: 0.5)")
+    aug.add_argument("--face-expand", metavar="F", type=float, default=Augmentations.face_expand,
+                     help="each side of the face square moved out by a random whole percentage of it, up to "
+                          f"this fraction (default: {Augmentations.face_expand}, the release's 0-49%%)")
     aug.add_argument("--face-flip", metavar="P", type=float, default=0.5,
                      help="face crop flip probability (default: 0.5)")
-    aug.add_argument("--center-crop", action="store_true", help="crop targets at the centre (default: random)")
+    aug.add_argument("--crop", choices=CROPS,
+                     help="target images: 'center' or 'random' square after resizing the short side to "
+                          "--resolution, or 'aspect': the whole image at about resolution² pixels, aspect ratio "
+                          "kept, sides multiples of 64 (needs --batch-size 1 for mixed sizes). Default: the "
+                          "release's, center for align and single, aspect for multi")
     run = train.add_argument_group("run")
     run.add_argument("--output", required=True, metavar="DIR", help="run folder (new, or this run's to resume)")
     run.add_argument("--max-steps", metavar="N", type=int, default=10_000, help="optimizer steps (default: 10000)")
@@ -163,7 +168,7 @@ def options_from_args(args: argparse.Namespace):
     augment = Augmentations(resolution=args.resolution, max_references=args.max_references,
                             truncate_probability=args.truncate_probability, drop_text=args.drop_text,
                             drop_references=args.drop_references, drop_both=args.drop_both,
-                            face_expand=args.face_expand, face_flip=args.face_flip, random_crop=not args.center_crop)
+                            face_expand=args.face_expand, face_flip=args.face_flip, crop=args.crop)
     return TrainOptions(
         stage=args.stage, data=Path(args.data), output=Path(args.output), model=args.model, base=args.base,
         mllm=args.mllm, init=Path(args.init) if args.init else None,

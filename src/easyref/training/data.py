@@ -13,6 +13,7 @@ references of a group are dropped and counted the same way.
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -37,7 +38,7 @@ LOAD_ERRORS = (ImageError, InvalidArgumentError, OSError)
 @dataclasses.dataclass
 class Sample:
     record: int
-    pixels: torch.Tensor  # (3, res, res) in [-1, 1]
+    pixels: torch.Tensor  # (3, H, W) in [-1, 1]: res x res, or about res² pixels with --crop aspect
     references: list[Image.Image]
     caption: str
     time_ids: tuple[int, int, int, int, int, int]  # SDXL: original (h, w), crop (top, left), target (h, w)
@@ -67,9 +68,27 @@ def crop_target(image: Image.Image, resolution: int, rng: random.Random | None) 
     return crop, (height, width, top, left, resolution, resolution)
 
 
-def face_reference(image: Image.Image, box: Box, rng: random.Random | None, expand: float = 0.5,
+def keep_aspect(image: Image.Image, resolution: int) -> tuple[Image.Image, tuple]:
+    """The whole image at about ``resolution``² pixels, each side rounded up to a multiple of 64 (the
+    release's stage-3 ``adaptive_resize``); SDXL's micro-conditioning gets the true sizes, no crop."""
+    width, height = image.size
+    scale = resolution / math.sqrt(width * height)
+    new_w, new_h = (max(64, math.ceil(side * scale / 64) * 64) for side in (width, height))
+    resized = image if (new_w, new_h) == image.size else image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    return resized, (height, width, 0, 0, new_h, new_w)
+
+
+def target_image(image: Image.Image, aug: Augmentations, rng: random.Random) -> tuple[Image.Image, tuple]:
+    """The training target for ``aug.crop`` (a resolved one: center, random or aspect) and its time ids."""
+    if aug.crop == "aspect":
+        return keep_aspect(image, aug.resolution)
+    return crop_target(image, aug.resolution, rng if aug.crop == "random" else None)
+
+
+def face_reference(image: Image.Image, box: Box, rng: random.Random | None, expand: float = 0.49,
                    flip: float = 0.5) -> Image.Image:
-    """A square crop around a face box, grown by a random 0..``expand`` and flipped with ``flip``.
+    """A square around a face box, each side moved out by a random whole percentage 0..``expand`` of
+    the square (the release's 0-49%), flipped with probability ``flip``.
 
     The square is moved (not cut) to stay inside the image; without ``rng`` it is the plain square.
     """
@@ -78,7 +97,7 @@ def face_reference(image: Image.Image, box: Box, rng: random.Random | None, expa
     x2, y2 = min(float(width), box[2]), min(float(height), box[3])
     if x2 - x1 < 1 or y2 - y1 < 1:
         raise ImageError(f"face box {list(box[:4])} lies outside the {width}x{height} image")
-    grow = 1 + (rng.uniform(0, expand) if rng is not None else 0.0)
+    grow = 1 + 2 * (rng.randint(0, round(expand * 100)) / 100 if rng is not None else 0.0)
     side = min(max(x2 - x1, y2 - y1) * grow, width, height)
     left = min(max((x1 + x2) / 2 - side / 2, 0), width - side)
     top = min(max((y1 + y2) / 2 - side / 2, 0), height - side)
@@ -149,14 +168,14 @@ class TrainingDataset(Dataset):
         drop_text, drop_refs = choose_drops(rng, aug)
         caption = "" if drop_text else rng.choice(record.captions)
         image = load_image(self.path(record.target))
-        crop, time_ids = crop_target(image, aug.resolution, rng if aug.random_crop else None)
+        crop, time_ids = target_image(image, aug, rng)
         dropped = 0
         if drop_refs:
             references = [unconditional_image()]
         elif record.kind == "single":
             references = [crop]  # the shared crop: reference and target show the same pixels
         elif record.kind == "face":
-            references = [face_reference(image, record.best_face(), rng, aug.face_expand, aug.face_flip)]
+            references = [face_reference(image, record.face(), rng, aug.face_expand, aug.face_flip)]
         else:
             references = []
             chosen = choose_references(record.references, rng, aug.max_references, aug.truncate_probability)
@@ -179,7 +198,7 @@ def validation_example(record: Record, image_root: Path | None, resolution: int,
     if record.kind == "single":
         references = [crop]
     elif record.kind == "face":
-        references = [face_reference(image, record.best_face(), None)]
+        references = [face_reference(image, record.face(), None)]
     else:
         references = [load_image(resolve_path(name, image_root)) for name in record.references[:max_references]]
     return references, record.captions[0], crop
@@ -216,6 +235,12 @@ class Collator:
         self.processor = processor
 
     def __call__(self, samples: Sequence[Sample]) -> dict:
+        sizes = {tuple(s.pixels.shape[1:]) for s in samples}
+        if len(sizes) > 1:
+            raise TrainingDataError(
+                f"targets of different sizes in one batch ({', '.join(f'{w}x{h}' for h, w in sorted(sizes))}): "
+                "--crop aspect keeps each image's aspect ratio, so use --batch-size 1 (the release's) or "
+                "--crop center")
         return {
             "mllm": self.processor.rows([s.references for s in samples], [s.caption for s in samples]),
             "pixels": torch.stack([s.pixels for s in samples]),

@@ -189,7 +189,7 @@ def check_records(records: Sequence[Record], image_root: Path | None, min_size: 
         status, detail = results[record.target]
         if status != "ok":
             report.bad_target.append(record.index)
-        elif record.kind == "face" and not _face_inside(record.best_face(), detail):
+        elif record.kind == "face" and not _face_inside(record.face(), detail):
             report.face_outside.append(record.index)
         elif record.kind == "group" and not any(results[ref][0] == "ok" for ref in record.references):
             report.no_references.append(record.index)

@@ -16,6 +16,9 @@ from easyref.config import AGGREGATIONS, REFERENCE_ATTENTIONS
 from easyref.errors import InvalidArgumentError, ModelFormatError
 from easyref.training import stages
 
+# How a target becomes a training image: a centred or random square after resizing the short side, or
+# the whole image at about resolution² pixels with its aspect ratio kept (sides multiples of 64).
+CROPS = ("center", "random", "aspect")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 DEFAULT_LORA_RANK = 128  # the release's
@@ -31,9 +34,9 @@ class Augmentations:
     drop_text: float = 0.05
     drop_references: float = 0.05
     drop_both: float = 0.05
-    face_expand: float = 0.5
+    face_expand: float = 0.49  # each side of the face square moves out by a random whole 0..49% of it
     face_flip: float = 0.5
-    random_crop: bool = True
+    crop: str | None = None  # None: the stage's (the release's): align / single "center", multi "aspect"
 
     def __post_init__(self) -> None:
         for name in ("truncate_probability", "drop_text", "drop_references", "drop_both", "face_flip"):
@@ -42,6 +45,8 @@ class Augmentations:
                 raise InvalidArgumentError(f"{name.replace('_', '-')} must be a probability in [0, 1], got {value}")
         if self.drop_text + self.drop_references + self.drop_both > 1:
             raise InvalidArgumentError("drop-text + drop-references + drop-both must not exceed 1")
+        if self.crop is not None and self.crop not in CROPS:
+            raise InvalidArgumentError(f"crop must be one of {', '.join(CROPS)}, got {self.crop!r}")
         if self.face_expand < 0:
             raise InvalidArgumentError(f"face-expand must be >= 0, got {self.face_expand}")
         if self.max_references < 1:
@@ -57,6 +62,10 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "single": {"learning_rate": 4e-5, "batch_size": 4, "gradient_accumulation_steps": 2},
     "multi": {"learning_rate": 2e-5, "batch_size": 1, "gradient_accumulation_steps": 4},
 }
+
+# The release's target crops: stages 1-2 a centre square (its "--random_crop" path with center_crop=True),
+# stage 3 the whole image with its aspect ratio kept (METHOD.md §3).
+STAGE_CROPS = {"align": "center", "single": "center", "multi": "aspect"}
 
 # Settings that may change when a run is resumed (they do not change what is computed per step).
 RESUMABLE_CHANGES = frozenset({
@@ -118,6 +127,8 @@ class TrainOptions:
         """A copy with stage defaults filled in and paths made absolute."""
         stages.check_stage(self.stage)
         filled = {key: value for key, value in STAGE_DEFAULTS[self.stage].items() if getattr(self, key) is None}
+        if self.augment.crop is None:
+            filled["augment"] = dataclasses.replace(self.augment, crop=STAGE_CROPS[self.stage])
         paths = {name: Path(value).expanduser().absolute() for name in ("data", "output", "init", "image_root")
                  if (value := getattr(self, name)) is not None}
         if self.image_root is None:

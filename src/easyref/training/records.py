@@ -51,9 +51,9 @@ class Record:
         """Every file the record reads: references first, then the target (no duplicates)."""
         return list(dict.fromkeys([*self.references, self.target]))
 
-    def best_face(self) -> Box:
-        """The face used as the reference: the highest detector score (the first if none given)."""
-        return max(self.faces, key=lambda box: box[4])
+    def face(self) -> Box:
+        """The face used as the reference: the record's first box, as the release takes it."""
+        return self.faces[0]
 
 
 def _strings(value: object, what: str, where: str, allow_empty: bool) -> tuple[str, ...]:
