@@ -301,3 +301,27 @@ def test_mllm_precision_is_chosen_apart_from_sdxl(tiny_model, tiny_pipe, referen
     assert mixed.ip_adapter_embeds(references, "a cat")[0].dtype == torch.float32
     image = np.asarray(mixed(references, "a cat", seed=1, **FAST).images[0])
     assert image.std() > 0
+
+
+def test_loading_from_python_is_quiet_unless_easyref_logs_verbosely(tiny_model, capfd):
+    """The Python API keeps library chatter (weight-loading bars, info logs) out of the way, as the CLI
+    does; the ``easyref`` logger at DEBUG shows it again. The libraries' own settings are restored."""
+    import logging
+
+    import diffusers.utils.logging as diffusers_logging
+
+    from easyref.pipeline import EasyRefPipeline
+
+    level = diffusers_logging.get_verbosity()
+    capfd.readouterr()
+    EasyRefPipeline.from_pretrained(tiny_model, device="cpu")
+    assert capfd.readouterr().err == ""
+    assert diffusers_logging.get_verbosity() == level and diffusers_logging.is_progress_bar_enabled()
+    logger = logging.getLogger("easyref")
+    previous = logger.level
+    logger.setLevel(logging.DEBUG)
+    try:
+        EasyRefPipeline.from_pretrained(tiny_model, device="cpu")
+    finally:
+        logger.setLevel(previous)
+    assert "Loading" in capfd.readouterr().err

@@ -18,14 +18,14 @@ import os
 import shlex
 import sys
 import traceback
-import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from easyref.cli_options import SAMPLING_FLAGS, add_device_options, add_model_options, add_verbose
 from easyref.errors import EasyRefError, ModelFormatError, OutputPathError
 from easyref.files import atomic_folder, atomic_path, check_output_path, package_versions, sha256_file
+from easyref.quiet import quiet_libraries
 
 PROG = "easyref"
 EMBEDS_KEY = "embeds"
@@ -197,37 +197,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # -- shared helpers -----------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def _quiet_libraries(verbose: bool) -> Iterator[None]:
-    """Silence transformers/diffusers logs below error level and their weight-loading progress bars.
-
-    The denoising progress bar (plain tqdm inside the diffusers pipeline) stays. Library warnings
-    (FutureWarning, DeprecationWarning) are hidden too. Everything is restored afterwards, so
-    calling ``main`` from Python leaves the caller's logging as it was. ``verbose`` keeps it all.
-    """
-    if verbose:
-        yield
-        return
-    import diffusers.utils.logging as diffusers_logging
-    import transformers.utils.logging as transformers_logging
-
-    libraries = (transformers_logging, diffusers_logging)
-    saved = [(lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in libraries]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        for lib in libraries:
-            lib.set_verbosity_error()
-            lib.disable_progress_bar()
-        try:
-            yield
-        finally:
-            for lib, (level, bars) in zip(libraries, saved, strict=True):
-                lib.set_verbosity(level)
-                if bars:
-                    lib.enable_progress_bar()
-
 
 def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
@@ -515,7 +484,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         verbose = args.verbose
-        with _quiet_libraries(verbose):
+        with quiet_libraries(verbose):
             return args.handler(args) if hasattr(args, "handler") else args.func(args, argv)
     except SystemExit as exc:  # --help and --version print, then exit 0
         return exc.code if isinstance(exc.code, int) else int(exc.code is not None)

@@ -30,6 +30,7 @@ from easyref.errors import InvalidArgumentError, ModelFormatError, ShapeMismatch
 from easyref.hub import resolve
 from easyref.images import image_sha256, load_references
 from easyref.prompting import ReferenceProcessor, unconditional_image
+from easyref.quiet import quiet_libraries, verbose_logging
 from easyref.weights import (
     ADAPTER_WEIGHTS,
     MLLM_WEIGHTS,
@@ -153,11 +154,13 @@ class EasyRefPipeline:
         The final-layer copy starts from the MLLM's last K layers and to_k_ip / to_v_ip from
         the UNet's to_k / to_v, as in the release.
         """
-        sd = base if hasattr(base, "unet") else cls.load_base(base, torch_dtype)
-        model, mllm_folder = cls.load_mllm(mllm, torch_dtype)
+        with quiet_libraries(verbose_logging()):
+            sd = base if hasattr(base, "unet") else cls.load_base(base, torch_dtype)
+            model, mllm_folder = cls.load_mllm(mllm, torch_dtype)
         config = EasyRefConfig(mllm_hidden_size=model.config.text_config.hidden_size,
                                cross_attention_dim=sd.unet.config.cross_attention_dim, **config_kwargs)
-        processor = ReferenceProcessor.from_pretrained(mllm_folder, config)
+        with quiet_libraries(verbose_logging()):
+            processor = ReferenceProcessor.from_pretrained(mllm_folder, config)
         return cls(sd, ReferenceEncoder(model, processor, config, vision_batching), config)
 
     @classmethod
@@ -184,12 +187,13 @@ class EasyRefPipeline:
         encoder_dtype = pick_mllm_dtype(mllm_dtype, target, dtype)
         adapter_folder = resolve(parts["adapter"], "adapter")
         config = EasyRefConfig.load(adapter_folder)
-        sd = cls.load_base(parts["base"], dtype) if load_base else None
-        encoder = None
-        if load_mllm:
-            model_, mllm_folder = cls.load_mllm(parts["mllm"], encoder_dtype)
-            processor = ReferenceProcessor.from_pretrained(mllm_folder, config)
-            encoder = ReferenceEncoder(model_, processor, config, vision_batching)
+        with quiet_libraries(verbose_logging()):
+            sd = cls.load_base(parts["base"], dtype) if load_base else None
+            encoder = None
+            if load_mllm:
+                model_, mllm_folder = cls.load_mllm(parts["mllm"], encoder_dtype)
+                processor = ReferenceProcessor.from_pretrained(mllm_folder, config)
+                encoder = ReferenceEncoder(model_, processor, config, vision_batching)
         pipe = cls(sd, encoder, config)
         pipe.load_adapter(adapter_folder)
         pipe.sources = {part: str(parts[part]) for part in parts}
