@@ -17,6 +17,7 @@ import json
 import os
 import shlex
 import sys
+import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
@@ -474,7 +475,21 @@ def _one_line(message: object) -> str:
 
 
 def _error(message: object) -> None:
-    print(f"error: {_one_line(message)}", file=sys.stderr, flush=True)
+    line = f"error: {_one_line(message)}"
+    print(line, file=sys.stderr, flush=True)
+    _tell_the_launcher(line)
+
+
+def _tell_the_launcher(line: str) -> None:
+    """Under torch's elastic launcher (what ``accelerate launch`` runs for several processes), leave the
+    error line in the worker's error file: the launcher's closing failure summary then shows it as the
+    root cause, instead of burying it above its own traceback with a pointer to a guide."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    report = {"message": {"message": line, "extraInfo": {"py_callstack": line, "timestamp": str(int(time.time()))}}}
+    with contextlib.suppress(OSError):
+        Path(path).write_text(json.dumps(report))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
