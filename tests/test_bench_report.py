@@ -21,15 +21,15 @@ RUNS = (("ip-adapter", {"scale": 0.6}, 0.0), ("easyref", {"aggregation": "averag
         ("easyref", {"aggregation": "easyref"}, 0.05))
 
 
-def _fake_run(root: Path, manifest: Path, method: str, settings: dict, offset: float) -> Path:
-    """A run folder with ``run.json`` and a made-up ``scores.csv``: 12 groups (2 domains) per split."""
+def _fake_run(root: Path, manifest: Path, method: str, settings: dict, offset: float, groups: int = 12) -> Path:
+    """A run folder with ``run.json`` and a made-up ``scores.csv``: ``groups`` groups (2 domains) per split."""
     run = open_run(root / f"{method}-{offset}", manifest, method, settings)
     rng = np.random.default_rng(0)
     with open(run / SCORES, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(COLUMNS)
         for split in ("held-in", "held-out"):
-            for g in range(12):
+            for g in range(groups):
                 for seed in range(2):
                     values = rng.uniform(0.5, 0.8, 4) + offset
                     writer.writerow([f"{split}-{g}", split, f"d{g % 2}", method, seed, seed, 1 + g % 4,
@@ -102,3 +102,19 @@ def test_group_size_plot_ticks_are_the_whole_reference_counts(runs, tmp_path, mo
     write_report(runs, tmp_path / "report")
     sizes = ["1", "2", "3", "4"]  # the fake runs' groups hold 1 + g % 4 references
     assert sizes in seen and all(labels == sizes for labels in seen[-3:])
+
+
+def test_few_groups_get_no_best_and_flagged_win_shares(tmp_path):
+    """Three groups per split: no bold "best", a caveat under the table, win shares marked; nested settings
+    (an adapter config) stay in run.json instead of filling the Runs table."""
+    manifest = tmp_path / "bench.jsonl"
+    manifest.write_text("{}\n")
+    runs = [_fake_run(tmp_path, manifest, "ip-adapter", {"scale": 0.6}, 0.0, groups=3),
+            _fake_run(tmp_path, manifest, "easyref", {"scale": 1.0, "adapter_config": {"tokens": 64}}, 0.05, groups=3)]
+    report = write_report(runs, tmp_path / "report").read_text()
+    measured = report.split("## Measured here")[1].split("###")[0]
+    assert "**" not in measured and "No best marked for held-in, held-out: fewer than 10 groups" in measured
+    comparisons = report.split("## Paired comparisons")[1]
+    assert "| 0%† |" in comparisons and "† fewer than 10 groups" in comparisons  # A = ip-adapter never wins
+    runs_table = report.split("## Runs")[1].split("## Measured")[0]
+    assert "scale=1.0, (+1 more in run.json)" in runs_table and "tokens" not in runs_table

@@ -38,6 +38,9 @@ from easyref.errors import EasyRefError
 from easyref.files import atomic_path, atomic_write
 
 REPORT = "report.md"
+# Below this many groups in a split, no "best" is marked and win shares are flagged: with a handful of
+# groups a 100% win or a bold mean is mostly chance (the intervals show how wide it is).
+MIN_GROUPS_TO_RANK = 10
 METRICS_PLOT = "metrics.png"
 GROUP_SIZE_PLOT = "group_size.png"
 
@@ -129,6 +132,13 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]
     return lines + [""]
 
 
+def _settings_cell(settings: dict) -> str:
+    """The run's plain settings (``steps=30, scale=1.0``); nested ones (adapter configs, ...) stay in run.json."""
+    plain = [f"{key}={value}" for key, value in sorted(settings.items()) if not isinstance(value, (dict, list))]
+    nested = sum(isinstance(value, (dict, list)) for value in settings.values())
+    return ", ".join(plain + ([f"(+{nested} more in run.json)"] if nested else [])) or "—"
+
+
 def _column_header(splits: Sequence[str]) -> list[str]:
     return [f"{split} {METRIC_LABELS[metric]}" for split in splits for metric in METRICS]
 
@@ -137,12 +147,15 @@ def measured_table(runs: Sequence[ScoredRun]) -> list[str]:
     """Rows = runs, columns = split x metric; ``mean ± half-width``, best of each column in bold.
 
     The best is chosen on the mean rounded to the 3 decimals shown, so equal-looking cells are
-    bolded together.
+    bolded together; a split where any run has fewer than :data:`MIN_GROUPS_TO_RANK` groups gets no
+    bold, and a line under the table says so.
     """
     splits = split_order(row["split"] for run in runs for row in run.summary)
     found = {(k, row["split"]): row for k, run in enumerate(runs) for row in run.summary if row["domain"] == "all"}
+    small = [split for split in splits
+             if min(row["groups"] for (_, s), row in found.items() if s == split) < MIN_GROUPS_TO_RANK]
     best = {(split, metric): max((round(row[metric], 3) for (_, s), row in found.items() if s == split),
-                                 default=None)
+                                 default=None) if split not in small else None
             for split in splits for metric in METRICS}
     body = []
     for k, run in enumerate(runs):
@@ -156,7 +169,9 @@ def measured_table(runs: Sequence[ScoredRun]) -> list[str]:
                 text = f"{row[metric]:.3f} ± {(row[f'{metric}_high'] - row[f'{metric}_low']) / 2:.3f}"
                 cells.append(f"**{text}**" if round(row[metric], 3) == best[split, metric] else text)
         body.append(cells)
-    return _table(["method", *_column_header(splits)], body)
+    caveat = ([f"No best marked for {', '.join(small)}: fewer than {MIN_GROUPS_TO_RANK} groups, too few to "
+               "rank methods; read the intervals.", ""] if small else [])
+    return _table(["method", *_column_header(splits)], body) + caveat
 
 
 def domain_table(runs: Sequence[ScoredRun]) -> list[str]:
@@ -189,11 +204,14 @@ def comparison_tables(runs: Sequence[ScoredRun]) -> list[str]:
         if a.info.get("bench_sha256") != b.info.get("bench_sha256"):
             lines += ["Not compared: the two runs were made on different benchmarks.", ""]
             continue
+        rows = compare(a.rows, b.rows)
         body = [[row["split"], METRIC_LABELS[row["metric"]], row["groups"], f"{row['mean_a']:.3f}",
                  f"{row['mean_b']:.3f}", f"{row['difference']:+.3f} [{row['low']:+.3f}, {row['high']:+.3f}]",
-                 f"{row['a_wins']:.0%}", f"{row['ties']:.0%}"]
-                for row in compare(a.rows, b.rows)]
+                 f"{row['a_wins']:.0%}" + ("†" if row["groups"] < MIN_GROUPS_TO_RANK else ""), f"{row['ties']:.0%}"]
+                for row in rows]
         lines += _table(["split", "metric", "groups", "A", "B", "A − B [95% CI]", "A wins", "ties"], body)
+        if any(row["groups"] < MIN_GROUPS_TO_RANK for row in rows):
+            lines += [f"† fewer than {MIN_GROUPS_TO_RANK} groups: a win share this small a sample says little.", ""]
     return lines
 
 
@@ -279,7 +297,7 @@ def write_report(runs: Sequence[str | Path], output_folder: str | Path) -> Path:
         "## Runs", "",
         *_table(["row", "folder", "method", "settings", "benchmark", "images"],
                 [[run.label, run.folder, run.info.get("method", "?"),
-                  ", ".join(f"{k}={v}" for k, v in sorted((run.info.get("settings") or {}).items())) or "—",
+                  _settings_cell(run.info.get("settings") or {}),
                   run.info.get("bench", "?"), len(run.rows)] for run in scored]),
         "## Measured here", "",
         "CLIP-I and DINO-I: cosine similarity to the target. CLIP-T: CLIPScore, 2.5 x max(cosine to the "
