@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from easyref import cli
 from easyref.cli import main
@@ -47,6 +49,18 @@ def work(tmp_path_factory) -> Path:
     no_mllm.mkdir()
     for part in ("base", "adapter"):
         (no_mllm / part).symlink_to(root / "model" / part)
+    save_file({"embeds": torch.full((1, 4, 64), float("nan")), "negative_embeds": torch.zeros(1, 4, 64)},
+              str(root / "nan.safetensors"))
+    save_file({"embeds": torch.zeros(1, 0, 64), "negative_embeds": torch.zeros(1, 4, 64)},
+              str(root / "no_tokens.safetensors"))
+    nan_model = root / "nan_model"  # a diverged run's adapter: one NaN in the projection
+    nan_model.mkdir()
+    for part in ("base", "mllm"):
+        (nan_model / part).symlink_to(root / "model" / part)
+    shutil.copytree(root / "model" / "adapter", nan_model / "adapter")
+    state = load_file(str(nan_model / "adapter" / "model.safetensors"))
+    state["projection.2.weight"][0, 0] = float("nan")
+    save_file(state, str(nan_model / "adapter" / "model.safetensors"))
     return root
 
 
@@ -156,7 +170,15 @@ BAD_GENERATE = {
     "garbage embeds": (["--embeds", "{w}/garbage.safetensors"], 1, "not a safetensors file"),
     "embeds keys": (["--embeds", "{w}/no_keys.safetensors"], 1, "has no 'embeds' or 'negative_embeds'"),
     # fails after the model is loaded, inside the pipeline: still nothing written
-    "embeds dims": (["--embeds", "{w}/wrong_dims.safetensors"], 1, "(1, tokens, 64)"),
+    "embeds dims": (["--embeds", "{w}/wrong_dims.safetensors"], 1, "(1, tokens >= 1, 64)"),
+    "nan embeds": (["--embeds", "{w}/nan.safetensors"], 1, "embeds hold NaN or infinite values"),
+    "no-token embeds": (["--embeds", "{w}/no_tokens.safetensors"], 1, "(1, tokens >= 1, 64)"),
+    "nan adapter": (["--ref", "{w}/single.png", "--prompt", "x", "--model", "{w}/nan_model"], 1,
+                    "tensor projection.2.weight holds NaN or infinite values"),
+    "huge scale": (["--ref", "{w}/single.png", "--prompt", "x", "--scale", "1e308"], 1,
+                   "--scale must be a finite number between 0 and 10.0, got 1e+308"),
+    "huge guidance": (["--ref", "{w}/single.png", "--prompt", "x", "--guidance-scale", "1e308"], 1,
+                      "--guidance-scale must be a finite number between 0 and 50.0"),
     "no mllm": (["--ref", "{w}/single.png", "--prompt", "x", "--model", "{w}/no_mllm"], 1, "has no mllm/"),
     "no suffix": (["--ref", "{w}/single.png", "--prompt", "x", "--output", "{o}/noext"], 1, "image format"),
 }
@@ -291,3 +313,19 @@ def test_python_m_easyref_fails_cleanly(work, tmp_path):
     assert result.returncode == 1
     assert "nothere.png: file not found" in _one_error_line(result.stderr)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_embeds_from_another_adapter_are_refused_unless_asked(work, tmp_path, capsys):
+    refs, embeds = work / "refs", tmp_path / "group.safetensors"
+    assert main(["encode", "--model", str(work / "model"), "--ref", str(refs), "--prompt", "a dog",
+                 "--output", str(embeds)]) == 0
+    with safe_open(str(embeds), framework="pt") as handle:
+        tensors, metadata = {key: handle.get_tensor(key) for key in handle.keys()}, handle.metadata()
+    config = json.loads(metadata["adapter_config"])
+    metadata["adapter_config"] = json.dumps({**config, "num_reference_tokens": config["num_reference_tokens"] + 1})
+    save_file(tensors, str(embeds), metadata=metadata)
+    capsys.readouterr()
+    assert main(_generate(work, tmp_path / "x.png", "--embeds", str(embeds))) == 1
+    assert "computed with another adapter (num_reference_tokens differ" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+    assert main(_generate(work, tmp_path / "x.png", "--embeds", str(embeds), "--other-model-embeds")) == 0

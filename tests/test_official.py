@@ -287,3 +287,14 @@ def test_refuses_non_empty_output(models: Path, files: dict[str, Path], tmp_path
     with pytest.raises(OutputPathError, match="not empty"):
         import_official(files["safetensors"], tmp_path / "out", model=models)
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+def test_non_finite_checkpoint_is_refused(models: Path, checkpoint: dict[str, torch.Tensor], tmp_path: Path) -> None:
+    from easyref.errors import NonFiniteError
+
+    state = {key: value.clone() for key, value in checkpoint.items()}
+    state["image_proj_model.proj.2.weight"][0, 0] = float("inf")
+    save_file(state, str(tmp_path / "inf.safetensors"))
+    with pytest.raises(NonFiniteError, match=r"image_proj_model\.proj\.2\.weight holds NaN or infinite"):
+        import_official(tmp_path / "inf.safetensors", tmp_path / "out", model=models)
+    assert not (tmp_path / "out").exists()

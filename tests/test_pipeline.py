@@ -325,3 +325,24 @@ def test_loading_from_python_is_quiet_unless_easyref_logs_verbosely(tiny_model, 
     finally:
         logger.setLevel(previous)
     assert "Loading" in capfd.readouterr().err
+
+
+def test_non_finite_latents_or_tokens_stop_generation_with_their_source(tiny_pipe, references, monkeypatch):
+    """NaN latents would decode to a black image reported as a success: the step that made them is named.
+    The caller's own step callback still runs first."""
+    from easyref.errors import NonFiniteError
+
+    seen = []
+
+    def poison(pipe, step, timestep, tensors):
+        seen.append(step)
+        return {**tensors, "latents": tensors["latents"] * float("nan")}
+
+    with pytest.raises(NonFiniteError, match="NaN or infinite at denoising step 1"):
+        tiny_pipe(references, "a cat", seed=2, callback_on_step_end=poison, **FAST)
+    assert seen == [0]
+    tiny_pipe.clear_cache()
+    monkeypatch.setattr(tiny_pipe.encoder, "encode", lambda groups, prompts: torch.full((1, 4, 64), float("inf")))
+    with pytest.raises(NonFiniteError, match="reference encoder produced NaN or infinite tokens"):
+        tiny_pipe.encode_references(references, "a new prompt")
+    tiny_pipe.clear_cache()

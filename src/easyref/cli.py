@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--embeds", metavar="FILE",
                      help="use reference embeds saved by 'easyref encode' instead of --ref; the MLLM is "
                           "then not loaded (default: none)")
+    gen.add_argument("--other-model-embeds", action="store_true",
+                     help="accept --embeds computed with another adapter (its config differs from this "
+                          "model's); they usually make a wrong image, so this is refused by default")
     gen.add_argument("--prompt", metavar="TEXT",
                      help="text prompt; required with --ref. With --embeds the prompt stored in the file "
                           "is used unless this is given")
@@ -291,6 +294,18 @@ def read_embeds(path: str | Path) -> tuple[Any, Any, dict[str, str]]:
     return embeds, negative, metadata
 
 
+def _check_embeds_source(path: str, metadata: dict[str, str], config: dict[str, Any]) -> None:
+    """Refuse embeds whose recorded adapter config differs from the loaded one (another model made them)."""
+    recorded = _maybe_json(metadata.get("adapter_config", ""))
+    if not isinstance(recorded, dict):
+        return
+    different = sorted(key for key in recorded.keys() & config.keys() if recorded[key] != config[key])
+    if different:
+        raise ModelFormatError(f"embeds file {path} was computed with another adapter ({', '.join(different)} "
+                               "differ from this model's); encode the references with this model, or pass "
+                               "--other-model-embeds to use them anyway")
+
+
 def _maybe_json(text: str) -> Any:
     """Metadata values that ``encode`` stored as JSON come back as objects (for the sidecar)."""
     if text[:1] in ("[", "{"):
@@ -353,6 +368,8 @@ def cmd_generate(args: argparse.Namespace, argv: Sequence[str]) -> int:
             negative_images, record["negative_references"] = _load_group(args.negative_ref)
 
     pipe = _load_pipeline(args, load_mllm=not args.embeds)
+    if args.embeds and not args.other_model_embeds:
+        _check_embeds_source(args.embeds, metadata, pipe.config.to_dict())
     result = pipe(images, prompt, embeds=embeds, negative_embeds=negative_embeds,
                   negative_references=negative_images, negative_prompt=negative_prompt, seed=args.seed,
                   num_inference_steps=args.steps, guidance_scale=args.guidance_scale, scale=args.scale,

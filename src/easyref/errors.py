@@ -25,6 +25,13 @@ class ModelFormatError(EasyRefError, ValueError):
     """A model folder or checkpoint is missing a part or is not in the expected layout."""
 
 
+class NonFiniteError(EasyRefError, ValueError):
+    """NaN or infinite numbers where an image needs finite ones: weights, embeds, tokens or latents.
+
+    Left alone they decode to an all-black image with a success status; the message names the source.
+    """
+
+
 class ShapeMismatchError(ModelFormatError):
     """Weights do not fit the model they are loaded into; the message names both shapes."""
 

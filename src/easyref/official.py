@@ -33,6 +33,7 @@ from easyref.errors import ModelFormatError, OutputPathError, ShapeMismatchError
 from easyref.files import atomic_folder
 from easyref.weights import (
     adapter_state_dict,
+    check_finite,
     load_adapter_state,
     load_mllm_state,
     mllm_state_dict,
@@ -125,6 +126,7 @@ def read_official_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
             raise ModelFormatError(f"checkpoint {path}: {key} is a {type(value).__name__}, not a tensor")
+    check_finite(state, f"checkpoint {path}")
     return state
 
 

@@ -15,7 +15,7 @@ import inspect
 import json
 import math
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from easyref import adapter as unet_adapter
 from easyref.config import AGGREGATIONS, EasyRefConfig
 from easyref.devices import pick_device, pick_dtype, pick_mllm_dtype
 from easyref.encoder import ReferenceEncoder, VisionBatching
-from easyref.errors import InvalidArgumentError, ModelFormatError, ShapeMismatchError
+from easyref.errors import InvalidArgumentError, ModelFormatError, NonFiniteError, ShapeMismatchError
 from easyref.hub import resolve
 from easyref.images import image_sha256, load_references
 from easyref.prompting import ReferenceProcessor, unconditional_image
@@ -34,6 +34,7 @@ from easyref.quiet import quiet_libraries, verbose_logging
 from easyref.weights import (
     ADAPTER_WEIGHTS,
     MLLM_WEIGHTS,
+    check_finite,
     load_adapter_state,
     load_mllm_state,
     read_safetensors,
@@ -44,6 +45,9 @@ ReferenceInput = str | Path | Image.Image
 PARTS = ("base", "mllm", "adapter")
 MAX_SIDE = 4096
 MAX_IMAGES_PER_CALL = 16
+# Beyond these the image is noise or overflow: IP-Adapter scales above ~2 and CFG above ~20 already wreck it.
+MAX_SCALE = 10.0
+MAX_GUIDANCE = 50.0
 CACHE_SIZE = 8
 
 
@@ -85,9 +89,9 @@ def check_generation_args(*, height: int | None, width: int | None, scale: float
     for name, value in (("height", height), ("width", width)):
         if value is not None and (not isinstance(value, int) or value % 8 or not 64 <= value <= MAX_SIDE):
             fail(name, f"a multiple of 8 between 64 and {MAX_SIDE}", value)
-    for name, value in (("scale", scale), ("guidance_scale", guidance_scale)):
-        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            fail(name, "a finite number >= 0", value)
+    for name, value, top in (("scale", scale, MAX_SCALE), ("guidance_scale", guidance_scale, MAX_GUIDANCE)):
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 <= value <= top:
+            fail(name, f"a finite number between 0 and {top}", value)
     if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= 1000:
         fail("num_inference_steps", "between 1 and 1000", num_inference_steps)
     if not isinstance(num_images, int) or not 1 <= num_images <= MAX_IMAGES_PER_CALL:
@@ -206,9 +210,13 @@ class EasyRefPipeline:
         if not weights.is_file():
             raise ModelFormatError(f"adapter folder {folder} has no {ADAPTER_WEIGHTS}")
         unet = self.base.unet if self.base is not None else None
-        load_adapter_state(read_safetensors(weights), self.encoder, unet, str(weights))
+        state = read_safetensors(weights)
+        check_finite(state, str(weights))
+        load_adapter_state(state, self.encoder, unet, str(weights))
         if self.encoder is not None and (folder / MLLM_WEIGHTS).is_file():
-            load_mllm_state(self.encoder, read_safetensors(folder / MLLM_WEIGHTS), str(folder / MLLM_WEIGHTS))
+            mllm_state = read_safetensors(folder / MLLM_WEIGHTS)
+            check_finite(mllm_state, str(folder / MLLM_WEIGHTS))
+            load_mllm_state(self.encoder, mllm_state, str(folder / MLLM_WEIGHTS))
         self.clear_cache()
 
     def save_pretrained(self, folder: str | Path, include_mllm_weights: bool = False) -> Path:
@@ -310,6 +318,9 @@ class EasyRefPipeline:
             return self._cache[key]
         with torch.no_grad():
             embeds = self.encoder.encode([list(images)], [prompt])
+        if not bool(torch.isfinite(embeds).all()):
+            raise NonFiniteError(f"the reference encoder produced NaN or infinite tokens in {self.encoder.dtype}; "
+                                 "run the MLLM in float32 or bfloat16 (--mllm-dtype), not float16")
         self._cache[key] = embeds
         while len(self._cache) > CACHE_SIZE:
             self._cache.popitem(last=False)
@@ -353,11 +364,16 @@ class EasyRefPipeline:
         return [torch.cat([uncond, cond]).unsqueeze(1)]
 
     def _check_embeds(self, embeds: torch.Tensor, what: str) -> None:
-        if embeds.ndim != 3 or embeds.shape[0] != 1 or embeds.shape[2] != self.config.cross_attention_dim:
+        if (embeds.ndim != 3 or embeds.shape[0] != 1 or embeds.shape[1] < 1
+                or embeds.shape[2] != self.config.cross_attention_dim):
             raise ShapeMismatchError(
-                f"{what} have shape {tuple(embeds.shape)}; this model needs (1, tokens, "
+                f"{what} have shape {tuple(embeds.shape)}; this model needs (1, tokens >= 1, "
                 f"{self.config.cross_attention_dim})"
             )
+        if not embeds.is_floating_point():
+            raise ShapeMismatchError(f"{what} are {str(embeds.dtype).removeprefix('torch.')}, not floating point")
+        if not bool(torch.isfinite(embeds).all()):
+            raise NonFiniteError(f"{what} hold NaN or infinite values")
 
     # -- generation --------------------------------------------------------------------------
     def __call__(self, references: Sequence[ReferenceInput] | None = None, prompt: str = "", *,
@@ -392,6 +408,8 @@ class EasyRefPipeline:
         unet_adapter.set_scale(self.base.unet, float(scale))
         generator = torch.Generator("cpu").manual_seed(seed)
         target.set_progress_bar_config(disable=not progress)
+        pipeline_kwargs["callback_on_step_end"] = _refuse_non_finite_latents(
+            pipeline_kwargs.get("callback_on_step_end"))
         result = target(prompt=prompt, negative_prompt=negative_prompt or None, ip_adapter_image_embeds=ip_embeds,
                         generator=generator, num_inference_steps=num_inference_steps,
                         guidance_scale=guidance_scale, height=height, width=width,
@@ -404,6 +422,22 @@ class EasyRefPipeline:
             "pipeline": type(target).__name__, "adapter_config": self.config.to_dict(), "sources": self.sources,
         }
         return EasyRefOutput(images=list(result.images), settings=settings)
+
+
+def _refuse_non_finite_latents(user_callback: Callable | None) -> Callable:
+    """A diffusers step callback that stops at the first step whose latents hold NaN or Inf (they would
+    decode to a black image reported as a success), after running the caller's own callback, if any."""
+
+    def callback(pipe, step: int, timestep, tensors: dict) -> dict:
+        if user_callback is not None:
+            tensors = user_callback(pipe, step, timestep, tensors)
+        latents = tensors.get("latents")
+        if latents is not None and not bool(torch.isfinite(latents).all()):
+            raise NonFiniteError(f"the latents became NaN or infinite at denoising step {step + 1}: lower "
+                                 f"--scale / --guidance-scale, or run SDXL in float32 (--dtype float32)")
+        return tensors
+
+    return callback
 
 
 def _match_length(uncond: torch.Tensor, length: int) -> torch.Tensor:

@@ -17,7 +17,7 @@ from torch import nn
 
 from easyref import adapter as unet_adapter
 from easyref.config import CONFIG_NAME, EasyRefConfig
-from easyref.errors import ModelFormatError, ShapeMismatchError
+from easyref.errors import ModelFormatError, NonFiniteError, ShapeMismatchError
 from easyref.files import atomic_write, write_json
 
 ADAPTER_WEIGHTS = "model.safetensors"
@@ -91,6 +91,14 @@ def load_adapter_state(state: dict[str, torch.Tensor], encoder: nn.Module | None
             current[key[len("unet."):]].copy_(value)
     if lora:
         unet_adapter.load_lora_state_dict(unet, lora)
+
+
+def check_finite(state: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse weights holding NaN or Inf (a diverged run, a damaged file): they would make black images."""
+    for key, value in state.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise NonFiniteError(f"{source}: tensor {key} holds NaN or infinite values (a diverged run or a "
+                                 "damaged file); these weights would only make black images")
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
