@@ -81,7 +81,7 @@ class BaseSettings:
     unet_heads: tuple[int, ...] = (1, 2)
     unet_layers_per_block: int = 1
     unet_norm_groups: int = 8
-    unet_steps: int = 6000
+    unet_steps: int = 4500
     unet_batch: int = 32
     unet_learning_rate: float = 1e-3
     unet_warmup_steps: int = 100
