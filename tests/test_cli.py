@@ -175,6 +175,8 @@ BAD_GENERATE = {
     "no-token embeds": (["--embeds", "{w}/no_tokens.safetensors"], 1, "(1, tokens >= 1, 64)"),
     "nan adapter": (["--ref", "{w}/single.png", "--prompt", "x", "--model", "{w}/nan_model"], 1,
                     "tensor projection.2.weight holds NaN or infinite values"),
+    "huge prompt": (["--ref", "{w}/single.png", "--prompt", "x" * 100_000], 1,
+                    "--prompt has 100000 characters; at most 2000"),
     "huge scale": (["--ref", "{w}/single.png", "--prompt", "x", "--scale", "1e308"], 1,
                    "--scale must be a finite number between 0 and 10.0, got 1e+308"),
     "huge guidance": (["--ref", "{w}/single.png", "--prompt", "x", "--guidance-scale", "1e308"], 1,
@@ -329,3 +331,22 @@ def test_embeds_from_another_adapter_are_refused_unless_asked(work, tmp_path, ca
     assert "computed with another adapter (num_reference_tokens differ" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
     assert main(_generate(work, tmp_path / "x.png", "--embeds", str(embeds), "--other-model-embeds")) == 0
+
+
+def test_a_users_json_is_never_replaced_by_the_sidecar_but_ours_is(work, tmp_path, capsys):
+    """`--output groups.png` writes groups.json beside it: a groups.json the user made stays untouched."""
+    theirs = tmp_path / "groups.json"
+    theirs.write_text('{"my": "data"}')
+    args = ("--ref", str(work / "single.png"), "--prompt", "a cat")
+    assert main(_generate(work, tmp_path / "groups.png", *args)) == 1
+    assert "groups.json exists and was not written by easyref" in capsys.readouterr().err
+    assert theirs.read_text() == '{"my": "data"}' and not (tmp_path / "groups.png").exists()
+    assert main(_generate(work, tmp_path / "mine.png", *args)) == 0
+    assert main(_generate(work, tmp_path / "mine.png", *args, "--seed", "5")) == 0  # our own sidecar: replaced
+    assert json.loads((tmp_path / "mine.json").read_text())["seed"] == 5
+
+
+def test_an_empty_reference_path_is_an_error_not_the_current_folder(work, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(work / "refs")  # a folder full of images: '' must not mean "all of them"
+    assert main(_generate(work, tmp_path / "x.png", "--ref", "", "--prompt", "a cat")) == 1
+    assert "reference #1 is an empty path" in capsys.readouterr().err

@@ -346,3 +346,26 @@ def test_non_finite_latents_or_tokens_stop_generation_with_their_source(tiny_pip
     with pytest.raises(NonFiniteError, match="reference encoder produced NaN or infinite tokens"):
         tiny_pipe.encode_references(references, "a new prompt")
     tiny_pipe.clear_cache()
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("cond_image_size", "56", "cond_image_size must be a positive integer, got '56'"),
+    ("instruction", None, "instruction must be a string, got None"),
+    ("cross_attention_dim", True, "cross_attention_dim must be a positive integer, got True"),
+    ("num_final_layers", True, "num_final_layers must be a positive integer, got True"),
+    ("lora_rank", 2.5, "lora_rank must be a positive integer or null, got 2.5"),
+])
+def test_adapter_config_fields_are_type_checked(tiny_model, tmp_path, field, value, message):
+    """A hand-edited config.json with a wrong type gets one message naming the file and the field."""
+    import json
+    import shutil
+
+    from easyref.config import EasyRefConfig
+    from easyref.errors import ModelFormatError
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(tiny_model / "adapter", adapter)
+    config = json.loads((adapter / "config.json").read_text())
+    (adapter / "config.json").write_text(json.dumps({**config, field: value}))
+    with pytest.raises(ModelFormatError, match=f"config.json: {message}".replace("(", r"\(")):
+        EasyRefConfig.load(adapter)

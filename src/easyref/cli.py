@@ -294,6 +294,19 @@ def read_embeds(path: str | Path) -> tuple[Any, Any, dict[str, str]]:
     return embeds, negative, metadata
 
 
+def _check_sidecar_is_ours(sidecar: Path) -> None:
+    """The image's sidecar may replace an earlier easyref sidecar, never a user's own JSON file."""
+    if not sidecar.exists():
+        return
+    try:
+        data = json.loads(sidecar.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        data = None
+    if not (isinstance(data, dict) and str(data.get("command", "")).startswith(f"{PROG} ") and "versions" in data):
+        raise OutputPathError(f"{sidecar} exists and was not written by {PROG}: the image's settings file would "
+                              "replace it; choose another --output name")
+
+
 def _check_embeds_source(path: str, metadata: dict[str, str], config: dict[str, Any]) -> None:
     """Refuse embeds whose recorded adapter config differs from the loaded one (another model made them)."""
     recorded = _maybe_json(metadata.get("adapter_config", ""))
@@ -317,7 +330,7 @@ def _maybe_json(text: str) -> Any:
 # -- commands -----------------------------------------------------------------------------------
 
 def cmd_generate(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from easyref.pipeline import check_generation_args
+    from easyref.pipeline import check_generation_args, check_prompt
 
     if sum(map(bool, (args.embeds, args.ref, args.example))) > 1:
         raise UsageError("give one of --ref, --example or --embeds")
@@ -341,11 +354,15 @@ def cmd_generate(args: argparse.Namespace, argv: Sequence[str]) -> int:
     check_generation_args(height=args.height, width=args.width, scale=args.scale,
                           guidance_scale=args.guidance_scale, num_inference_steps=args.steps,
                           num_images=args.num_images, seed=args.seed, names=SAMPLING_FLAGS)
+    for text, flag in ((args.prompt, "--prompt"), (args.negative_prompt, "--negative-prompt")):
+        if text is not None:
+            check_prompt(text, flag)
     outputs = _image_outputs(args.output, args.num_images)
     fmt = _image_format(outputs[0])
     sidecar = Path(args.output).with_suffix(".json")
     for path in [*outputs, sidecar]:
         check_output_path(path)
+    _check_sidecar_is_ours(sidecar)
     _check_hardware(args)
 
     record: dict[str, Any] = {}
@@ -403,9 +420,13 @@ def _write_outputs(images: list, outputs: list[Path], fmt: str, sidecar: Path, d
 
 
 def cmd_encode(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from easyref.pipeline import check_prompt
     from easyref.weights import save_safetensors
 
     _model_kwargs(args)
+    for text, flag in ((args.prompt, "--prompt"), (args.negative_prompt, "--negative-prompt")):
+        if text is not None:
+            check_prompt(text, flag)
     output = check_output_path(args.output)
     if output.suffix != EMBEDS_SUFFIX:
         raise OutputPathError(f"embeds file {output} must end in {EMBEDS_SUFFIX}")

@@ -64,6 +64,14 @@ class EasyRefConfig:
     negative_prompt: str = RELEASE_NEGATIVE_PROMPT
 
     def __post_init__(self) -> None:
+        for name in ("instruction", "negative_prompt", "aggregation", "reference_attention"):
+            if not isinstance(getattr(self, name), str):
+                raise InvalidArgumentError(f"{name} must be a string, got {getattr(self, name)!r}")
+        for name in ("mllm_hidden_size", "cross_attention_dim", "num_reference_tokens", "num_final_layers",
+                     "max_references", "cond_image_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidArgumentError(f"{name} must be a positive integer, got {value!r}")
         if self.aggregation not in AGGREGATIONS:
             raise InvalidArgumentError(
                 f"aggregation must be one of {', '.join(AGGREGATIONS)}, got {self.aggregation!r}"
@@ -73,18 +81,12 @@ class EasyRefConfig:
                 f"reference_attention must be one of {', '.join(REFERENCE_ATTENTIONS)}, "
                 f"got {self.reference_attention!r}"
             )
-        for name in ("mllm_hidden_size", "cross_attention_dim", "num_reference_tokens",
-                     "num_final_layers", "max_references"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise InvalidArgumentError(f"{name} must be a positive integer, got {value!r}")
         if self.cond_image_size < 56 or self.cond_image_size % 28:
             raise InvalidArgumentError(
                 f"cond_image_size must be a multiple of 28 and at least 56, got {self.cond_image_size}"
             )
-        if not isinstance(self.negative_prompt, str):
-            raise InvalidArgumentError(f"negative_prompt must be a string, got {self.negative_prompt!r}")
-        if self.lora_rank is not None and (not isinstance(self.lora_rank, int) or self.lora_rank < 1):
+        if self.lora_rank is not None and (isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int)
+                                           or self.lora_rank < 1):
             raise InvalidArgumentError(f"lora_rank must be a positive integer or null, got {self.lora_rank!r}")
 
     @property
@@ -110,7 +112,10 @@ class EasyRefConfig:
                    if f.default is dataclasses.MISSING and f.name not in data]
         if missing:
             raise ModelFormatError(f"{source}: adapter config lacks {missing}")
-        return cls(**data)
+        try:
+            return cls(**data)
+        except InvalidArgumentError as exc:
+            raise ModelFormatError(f"{source}: {exc}") from None
 
     @classmethod
     def load(cls, folder: str | Path) -> EasyRefConfig:

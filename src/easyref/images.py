@@ -230,6 +230,8 @@ def expand_references(sources: Sequence[ImageSource]) -> list[str | Image.Image]
                 f"reference #{index + 1} is a {type(source).__name__}, expected a path or a PIL image"
             )
         label = _label(source)
+        if not label.strip():  # Path("") is ".": an empty --ref would silently mean the current folder
+            raise ImageError(f"reference #{index + 1} is an empty path")
         folder = Path(label)
         if not folder.is_dir():
             expanded.append(label)

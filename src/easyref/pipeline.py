@@ -47,6 +47,9 @@ MAX_SIDE = 4096
 MAX_IMAGES_PER_CALL = 16
 # Beyond these the image is noise or overflow: IP-Adapter scales above ~2 and CFG above ~20 already wreck it.
 MAX_SCALE = 10.0
+# SDXL's text encoders read 77 tokens (about 300 characters); the MLLM's context must also hold every
+# reference's tokens. A longer prompt only costs time and memory (100k characters took 29 GB).
+MAX_PROMPT_CHARACTERS = 2000
 MAX_GUIDANCE = 50.0
 CACHE_SIZE = 8
 
@@ -71,6 +74,15 @@ def _model_parts(model: str | Path | None, base, mllm, adapter) -> dict[str, str
                 raise ModelFormatError(f"model folder {model} has no {part}/ part (or give {part}= explicitly)")
             parts[part] = folder / part
     return parts
+
+
+def check_prompt(prompt: object, name: str = "prompt") -> None:
+    """A string of at most :data:`MAX_PROMPT_CHARACTERS` characters, checked before any model runs."""
+    if not isinstance(prompt, str):
+        raise InvalidArgumentError(f"{name} must be a string, got {type(prompt).__name__}")
+    if len(prompt) > MAX_PROMPT_CHARACTERS:
+        raise InvalidArgumentError(f"{name} has {len(prompt)} characters; at most {MAX_PROMPT_CHARACTERS} are "
+                                   "read (SDXL's text encoders stop at 77 tokens, about 300 characters)")
 
 
 def check_generation_args(*, height: int | None, width: int | None, scale: float, guidance_scale: float,
@@ -328,6 +340,7 @@ class EasyRefPipeline:
 
     def encode_references(self, references: Sequence[ReferenceInput], prompt: str = "") -> torch.Tensor:
         """Conditioning tokens for a group: (1, num_reference_tokens, cross_attention_dim)."""
+        check_prompt(prompt)
         images = load_references(references, self.config.max_references)
         return self._encode(images, prompt)
 
@@ -395,6 +408,9 @@ class EasyRefPipeline:
         """
         check_generation_args(height=height, width=width, scale=scale, guidance_scale=guidance_scale,
                               num_inference_steps=num_inference_steps, num_images=num_images, seed=seed)
+        check_prompt(prompt)
+        if negative_prompt is not None:
+            check_prompt(negative_prompt, "negative_prompt")
         self._require_base()
         target = pipeline if pipeline is not None else self.base
         if target.unet is not self.base.unet:
