@@ -113,6 +113,8 @@ def _line(**changes) -> str:
     ([_line(), '{"id": "g2", '], "line 2: not valid JSON"),
     ([_line(split="train")], "split must be one of held-in, held-out, coco"),
     ([_line(id="a/b")], "id 'a/b' must be"),
+    ([_line(references=["../a.png"])], "line 1 \\(group g1\\): ../a.png leaves"),  # checked before any file is
+    ([_line(target="sub/../../t.png")], "line 1 \\(group g1\\): sub/../../t.png leaves"),  # looked at
 ])
 def test_manifest_validation_names_the_line(tmp_path, lines, message):
     _images(tmp_path, "a.png", "t.png")

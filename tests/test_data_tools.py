@@ -91,3 +91,27 @@ def test_data_check_passes_clean_data_and_names_bad_format(tree, tmp_path, capsy
     assert main(["data", "check", "--data", str(bad)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "record 1" in err[0]
+
+
+def test_paths_that_leave_the_image_root_are_never_opened(tree, tmp_path):
+    """`../` and absolute paths in records are reported as outside the root, whether or not the file exists
+    (an existence check would reveal files elsewhere); training skips such records and counts them."""
+    from easyref.training.data import TrainingDataset
+    from easyref.training.options import Augmentations
+    from easyref.training.records import parse_records
+
+    secret = tmp_path / "secret.png"
+    noise(secret)
+    records = [{"image_file": ["../secret.png"], "text": ["x"], "target": "cat/0.png"},
+               {"image_file": [str(secret)], "text": ["x"], "target": str(secret)},
+               {"image_file": ["cat/../cat/1.png"], "text": ["x"], "target": "cat/0.png"}]  # stays inside: fine
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(records))
+    report = check_data(data, tree, min_size=8)
+    assert sorted(report.outside) == sorted(["../secret.png", str(secret)]) and report.missing == []
+    assert "leaves" in report.outside["../secret.png"] and "absolute" in report.outside[str(secret)]
+    assert report.usable == 1
+    assert check_data(data, tree, min_size=8, allow_absolute=True).usable == 2
+    dataset = TrainingDataset(parse_records(records[:2] + records[2:]), tree, Augmentations(resolution=64), seed=0)
+    sample = dataset[0]  # record 0 leaves the root, record 1 is absolute: both skipped, record 2 used
+    assert (sample.record, sample.skipped) == (2, 2)

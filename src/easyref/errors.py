@@ -21,6 +21,11 @@ class ImageError(EasyRefError, ValueError):
     """An image file is missing, unreadable, truncated, too large or in an unknown format."""
 
 
+class OutsideRootError(ImageError):
+    """A path in a data file leaves the folder its paths are relative to (``../``, or an absolute path
+    where none is allowed): easyref must not read, copy or reveal files the user did not point it at."""
+
+
 class ModelFormatError(EasyRefError, ValueError):
     """A model folder or checkpoint is missing a part or is not in the expected layout."""
 

@@ -18,10 +18,25 @@ from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
 
-from easyref.errors import OutputPathError
+from easyref.errors import OutputPathError, OutsideRootError
 
 VERSIONED_PACKAGES = ("easyref", "torch", "diffusers", "transformers", "accelerate", "peft",
                       "safetensors", "huggingface_hub", "pillow")
+
+
+def resolve_under(root: Path, name: str, *, allow_absolute: bool = False) -> Path:
+    """``name`` from a data file, as a path under ``root``; refused before anything opens it if it
+    leaves ``root`` (``..``) or is absolute (unless ``allow_absolute``). The check is on the path as
+    written: symlinks inside ``root`` that the user placed there are followed as usual."""
+    candidate = Path(name).expanduser()
+    if candidate.is_absolute():
+        if allow_absolute:
+            return candidate
+        raise OutsideRootError(f"{name} is an absolute path; paths in data files are relative to {root}")
+    joined = Path(os.path.normpath(Path(root) / candidate))
+    if not joined.is_relative_to(Path(os.path.normpath(root))):
+        raise OutsideRootError(f"{name} leaves {root}")
+    return joined
 
 
 def check_output_path(path: str | Path) -> Path:

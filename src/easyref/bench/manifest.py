@@ -20,8 +20,8 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from easyref.errors import InvalidArgumentError, ModelFormatError
-from easyref.files import atomic_write
+from easyref.errors import InvalidArgumentError, ModelFormatError, OutsideRootError
+from easyref.files import atomic_write, resolve_under
 from easyref.images import IMAGE_SUFFIXES
 
 # "coco" is the single-reference protocol (paper Table 2): neither seen nor unseen domains.
@@ -84,8 +84,11 @@ def _parse_line(line: str, number: int, root: Path, source: str, check_files: bo
     refs = record["references"]
     if not isinstance(refs, list) or not refs or not all(isinstance(r, str) for r in refs):
         raise BenchFormatError(f"{where}: references must be a non-empty list of paths")
-    paths = tuple(root / r for r in refs)
-    target = root / record["target"]
+    try:  # relative paths stay inside the manifest's folder; absolute ones ('bench coco' writes them) are explicit
+        paths = tuple(resolve_under(root, r, allow_absolute=True) for r in refs)
+        target = resolve_under(root, record["target"], allow_absolute=True)
+    except OutsideRootError as exc:
+        raise BenchFormatError(f"{where} (group {group_id}): {exc}") from None
     if check_files:
         for path in (*paths, target):
             if not path.is_file():

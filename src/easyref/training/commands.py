@@ -96,6 +96,9 @@ def _add_train(subparsers) -> None:
     data.add_argument("--data", required=True, metavar="FILE.json", help="training records in the release's format")
     data.add_argument("--image-root", metavar="DIR",
                       help="folder the records' relative image paths start from (default: the data file's folder)")
+    data.add_argument("--allow-absolute-paths", action="store_true",
+                      help="accept absolute image paths in the records (default: every path is relative to "
+                           "--image-root, and one that leaves it is skipped and counted)")
     data.add_argument("--num-workers", metavar="N", type=int, default=4, help="data loading processes (default: 4)")
     aug = train.add_argument_group("augmentation (defaults: the release's)")
     aug.add_argument("--max-references", metavar="N", type=int, default=Augmentations.max_references,
@@ -172,7 +175,8 @@ def options_from_args(args: argparse.Namespace):
     return TrainOptions(
         stage=args.stage, data=Path(args.data), output=Path(args.output), model=args.model, base=args.base,
         mllm=args.mllm, init=Path(args.init) if args.init else None,
-        image_root=Path(args.image_root) if args.image_root else None, max_steps=args.max_steps,
+        image_root=Path(args.image_root) if args.image_root else None,
+        allow_absolute_paths=args.allow_absolute_paths, max_steps=args.max_steps,
         save_steps=args.save_steps, keep_checkpoints=args.keep_checkpoints, batch_size=args.batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps, learning_rate=args.learning_rate,
         lr_scheduler=args.lr_scheduler, lr_warmup_steps=args.lr_warmup_steps, weight_decay=args.weight_decay,
@@ -227,6 +231,8 @@ def _add_data(subparsers) -> None:
     add_verbose(check)
     check.add_argument("--data", required=True, metavar="FILE.json")
     check.add_argument("--image-root", metavar="DIR", help="(default: the data file's folder)")
+    check.add_argument("--allow-absolute-paths", action="store_true",
+                       help="accept absolute image paths (default: refused, as 'easyref train' does)")
     check.add_argument("--min-size", metavar="PX", type=int, default=256,
                        help="images whose shorter side is below this many pixels count as too small (default: 256)")
     check.add_argument("--workers", metavar="N", type=int, default=8, help="images read in parallel (default: 8)")
@@ -249,7 +255,7 @@ def run_check(args: argparse.Namespace) -> int:
     from easyref.files import write_json
     from easyref.training.datatools import check_data
 
-    report = check_data(args.data, args.image_root, args.min_size, args.workers)
+    report = check_data(args.data, args.image_root, args.min_size, args.workers, args.allow_absolute_paths)
     print(f"{args.data}:")
     for line in report.lines():
         print(f"  {line}")

@@ -137,9 +137,11 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 class TrainingDataset(Dataset):
     """Map-style dataset over records; an item key is ``(epoch, index)`` (or a bare index, epoch 0)."""
 
-    def __init__(self, records: Sequence[Record], image_root: Path | None, aug: Augmentations, seed: int) -> None:
+    def __init__(self, records: Sequence[Record], image_root: Path | None, aug: Augmentations, seed: int,
+                 allow_absolute: bool = False) -> None:
         self.records = list(records)
         self.image_root = image_root
+        self.allow_absolute = allow_absolute
         self.aug = aug
         self.seed = seed
 
@@ -147,7 +149,7 @@ class TrainingDataset(Dataset):
         return len(self.records)
 
     def path(self, name: str) -> Path:
-        return resolve_path(name, self.image_root)
+        return resolve_path(name, self.image_root, self.allow_absolute)
 
     def __getitem__(self, key: int | tuple[int, int]) -> Sample:
         epoch, index = key if isinstance(key, tuple) else (0, key)
@@ -190,17 +192,18 @@ class TrainingDataset(Dataset):
         return Sample(record.index, to_tensor(crop), references, caption, time_ids, skipped, dropped)
 
 
-def validation_example(record: Record, image_root: Path | None, resolution: int,
-                       max_references: int) -> tuple[list[Image.Image], str, Image.Image]:
+def validation_example(record: Record, image_root: Path | None, resolution: int, max_references: int,
+                       allow_absolute: bool = False) -> tuple[list[Image.Image], str, Image.Image]:
     """Fixed (references, caption, target crop) for a record: no randomness, first caption."""
-    image = load_image(resolve_path(record.target, image_root))
+    image = load_image(resolve_path(record.target, image_root, allow_absolute))
     crop, _ = crop_target(image, resolution, None)
     if record.kind == "single":
         references = [crop]
     elif record.kind == "face":
         references = [face_reference(image, record.face(), None)]
     else:
-        references = [load_image(resolve_path(name, image_root)) for name in record.references[:max_references]]
+        references = [load_image(resolve_path(name, image_root, allow_absolute))
+                      for name in record.references[:max_references]]
     return references, record.captions[0], crop
 
 

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from easyref.errors import ImageError, InvalidArgumentError
+from easyref.errors import ImageError, InvalidArgumentError, OutsideRootError
 from easyref.files import write_json
 from easyref.images import IMAGE_SUFFIXES, load_image
 from easyref.training.errors import DataFormatError
@@ -105,6 +105,7 @@ class CheckReport:
     records: int = 0
     kinds: dict[str, int] = dataclasses.field(default_factory=dict)
     images: int = 0
+    outside: dict[str, str] = dataclasses.field(default_factory=dict)
     missing: list[str] = dataclasses.field(default_factory=list)
     unreadable: dict[str, str] = dataclasses.field(default_factory=dict)
     too_small: dict[str, list[int]] = dataclasses.field(default_factory=dict)
@@ -116,7 +117,8 @@ class CheckReport:
 
     @property
     def problems(self) -> int:
-        return len(self.missing) + len(self.unreadable) + len(self.too_small) + self.records - self.usable
+        images = len(self.outside) + len(self.missing) + len(self.unreadable) + len(self.too_small)
+        return images + self.records - self.usable
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "problems": self.problems}
@@ -139,6 +141,7 @@ class CheckReport:
 
         kinds = ", ".join(f"{count} {kind}" for kind, count in self.kinds.items())
         rows = [
+            ("paths outside the image root", len(self.outside), example(list(self.outside))),
             ("images missing", len(self.missing), example(self.missing)),
             ("images unreadable", len(self.unreadable), example(self.unreadable)),
             (f"images too small (< {self.min_size} px)", len(self.too_small), example(self.too_small)),
@@ -154,8 +157,13 @@ class CheckReport:
         ]
 
 
-def _inspect(path: Path) -> tuple[str, object]:
-    """("ok", (w, h)) / ("missing", message) / ("unreadable", message), reading the image as training does."""
+def _inspect(name: str, image_root: Path | None, allow_absolute: bool) -> tuple[str, object]:
+    """("ok", (w, h)) / ("outside", message) / ("missing", message) / ("unreadable", message), reading the
+    image as training does; a path outside the root is never looked at."""
+    try:
+        path = resolve_path(name, image_root, allow_absolute)
+    except OutsideRootError as exc:
+        return "outside", str(exc)
     if not path.exists():
         return "missing", "file not found"
     try:
@@ -171,15 +179,17 @@ def _face_inside(box, size: tuple[int, int]) -> bool:
 
 
 def check_records(records: Sequence[Record], image_root: Path | None, min_size: int = 256,
-                  workers: int = 8) -> CheckReport:
+                  workers: int = 8, allow_absolute: bool = False) -> CheckReport:
     """Open every image the records name (in ``workers`` threads) and count the problems."""
     names = list(dict.fromkeys(name for record in records for name in record.image_files()))
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        results = dict(zip(names, pool.map(lambda name: _inspect(resolve_path(name, image_root)), names),
+        results = dict(zip(names, pool.map(lambda name: _inspect(name, image_root, allow_absolute), names),
                            strict=True))
     report = CheckReport(records=len(records), kinds=count_kinds(records), images=len(names), min_size=min_size)
     for name, (status, detail) in results.items():
-        if status == "missing":
+        if status == "outside":
+            report.outside[name] = detail
+        elif status == "missing":
             report.missing.append(name)
         elif status == "unreadable":
             report.unreadable[name] = detail
@@ -199,7 +209,7 @@ def check_records(records: Sequence[Record], image_root: Path | None, min_size: 
 
 
 def check_data(data: str | Path, image_root: str | Path | None = None, min_size: int = 256,
-               workers: int = 8) -> CheckReport:
+               workers: int = 8, allow_absolute: bool = False) -> CheckReport:
     """Parse ``data`` (format errors raise, naming the record) and check its images."""
     if min_size < 1:
         raise InvalidArgumentError(f"--min-size must be a positive number of pixels, got {min_size}")
@@ -207,4 +217,4 @@ def check_data(data: str | Path, image_root: str | Path | None = None, min_size:
     root = Path(image_root) if image_root is not None else Path(data).absolute().parent
     if not root.is_dir():
         raise InvalidArgumentError(f"--image-root {root} is not a folder")
-    return check_records(records, root, min_size, workers)
+    return check_records(records, root, min_size, workers, allow_absolute)

@@ -257,7 +257,7 @@ def _validation_examples(opts: TrainOptions, records, monitor: Monitor) -> list:
             break
         try:
             examples.append(validation_example(record, opts.image_root, opts.resolution,
-                                               opts.augment.max_references))
+                                               opts.augment.max_references, opts.allow_absolute_paths))
         except (OSError, ValueError) as exc:
             monitor.say(f"validation: skipping record {record.index} ({exc})")
     return examples
@@ -361,7 +361,7 @@ def train(opts: TrainOptions) -> Path:
     noise_scheduler = DDPMScheduler.from_config(base.scheduler.config)
 
     # -- data -------------------------------------------------------------------------------------
-    dataset = TrainingDataset(records, opts.image_root, opts.augment, opts.seed)
+    dataset = TrainingDataset(records, opts.image_root, opts.augment, opts.seed, opts.allow_absolute_paths)
     sampler = EpochSampler(len(dataset), num_processes, accelerator.process_index, opts.seed)
     loader = DataLoader(dataset, batch_size=opts.batch_size, sampler=sampler, collate_fn=Collator(encoder.processor),
                         num_workers=opts.num_workers, drop_last=True, pin_memory=device.type == "cuda")

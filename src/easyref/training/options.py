@@ -85,6 +85,7 @@ class TrainOptions:
     mllm: str | None = None
     init: Path | None = None
     image_root: Path | None = None
+    allow_absolute_paths: bool = False  # records' absolute paths are refused unless asked for
     max_steps: int = 10_000
     save_steps: int = 500
     keep_checkpoints: int = 3

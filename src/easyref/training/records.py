@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
+from easyref.files import resolve_under
 from easyref.training.errors import DataFormatError
 
 RecordKind = Literal["single", "group", "face"]
@@ -142,12 +143,13 @@ def record_to_json(record: Record) -> dict:
     return out
 
 
-def resolve_path(path: str, image_root: Path | None) -> Path:
-    """A record's path on disk: absolute paths as they are, others under ``image_root``."""
-    candidate = Path(path).expanduser()
-    if candidate.is_absolute() or image_root is None:
-        return candidate
-    return image_root / candidate
+def resolve_path(path: str, image_root: Path | None, allow_absolute: bool = False) -> Path:
+    """A record's path on disk, under ``image_root``: one that leaves it (``../``), or an absolute one
+    unless ``allow_absolute``, raises :class:`~easyref.errors.OutsideRootError` before anything opens it.
+    Without a root (the Python API's choice) paths are taken as they are."""
+    if image_root is None:
+        return Path(path).expanduser()
+    return resolve_under(image_root, path, allow_absolute=allow_absolute)
 
 
 def count_kinds(records: Sequence[Record]) -> dict[str, int]:
