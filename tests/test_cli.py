@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -225,6 +226,15 @@ def test_failure_while_writing_leaves_no_partial_files(work, tmp_path, capsys, m
     args = ("--ref", str(work / "single.png"), "--prompt", "x", "--num-images", "2")
     assert main(_generate(work, tmp_path / "out.png", *args)) == 1
     assert "unexpected OSError: disk full" in _one_error_line(capsys.readouterr().err)
+    assert list(tmp_path.iterdir()) == []
+    calls.clear()
+
+    def disk_full(image, path, fmt):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(cli, "_save_image", disk_full)
+    assert main(_generate(work, tmp_path / "out.png", *args)) == 1
+    assert "error: no space left on the disk writing" in _one_error_line(capsys.readouterr().err)
     assert list(tmp_path.iterdir()) == []
 
 

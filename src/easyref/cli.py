@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import os
 import shlex
@@ -553,6 +554,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         _error(exc)
         return 1
     except Exception as exc:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            if verbose:
+                traceback.print_exc()
+            where = f" writing {exc.filename}" if exc.filename else ""
+            _error(f"no space left on the disk{where}: free some space and run the command again (outputs are "
+                   "written whole or not at all)")
+            return 1
         if verbose:
             traceback.print_exc()
             _error(f"unexpected {type(exc).__name__}: {exc}")

@@ -234,7 +234,8 @@ def _prepare_output(output: Path, overwrite: bool) -> None:
     if output.exists() and not output.is_dir():
         raise OutputPathError(f"output {output} is a file; expected an adapter folder")
     if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise OutputPathError(f"output folder {output} is not empty (pass overwrite=True to replace it)")
+        raise OutputPathError(f"output folder {output} is not empty (--overwrite, or overwrite=True in Python, "
+                              "replaces it)")
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
