@@ -49,6 +49,17 @@ def test_variants_share_the_stages_before_their_own(commands, tmp_path):
     assert "--lora-rank" not in align and _option(multi, "--lora-rank") == str(recipe.lora_rank)
 
 
+def test_multi_only_starts_stage_multi_from_a_new_adapter(commands, tmp_path):
+    """The progressive-training ablation: stage multi alone, from a new adapter, with EasyRef's shape."""
+    recipe = experiments.Recipe()
+    adapter = experiments.train_model("easyref-multi-only", tmp_path / "world", tmp_path / "pre", tmp_path / "r",
+                                      recipe)
+    assert adapter == tmp_path / "r" / "multi-only" / "adapter"
+    (only,) = commands
+    assert _option(only, "--stage") == "multi" and "--init" not in only and "--skip-earlier-stages" in only
+    assert _option(only, "--num-reference-tokens") == str(recipe.reference_tokens)
+
+
 def test_a_run_with_a_checkpoint_resumes_and_one_without_starts_over(commands, tmp_path):
     recipe = experiments.Recipe()
     resumed, restarted = tmp_path / "resumed", tmp_path / "restarted"

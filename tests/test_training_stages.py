@@ -128,3 +128,24 @@ def test_train_negative_prompt_is_recorded_in_the_adapter_and_inherited(tiny_mod
 
     assert load().config.negative_prompt == RELEASE_NEGATIVE_PROMPT
     assert load(negative_prompt="").config.negative_prompt == ""
+
+
+def test_skip_earlier_stages_starts_multi_from_a_new_adapter(tiny_model, tmp_path):
+    """The progressive-training ablation: stage multi from a new adapter (fresh reference tokens, a LoRA);
+    the flag is refused where it means nothing."""
+    from easyref.errors import InvalidArgumentError
+
+    def options(**extra):
+        return TrainOptions(stage="multi", data=tmp_path / "d.json", output=tmp_path / "run", model=str(tiny_model),
+                            lora_rank=4, resolution=64, augment=Augmentations(resolution=64), **extra).resolved()
+
+    with pytest.raises(InvalidArgumentError, match="pass --init"):
+        options().check()
+    with pytest.raises(InvalidArgumentError, match="without --init"):
+        options(skip_earlier_stages=True, init=tiny_model / "adapter").check()
+    opts = options(skip_earlier_stages=True, num_reference_tokens=3, cond_image_size=56)
+    opts.check()
+    pipe = loop.load_pipeline(opts)
+    assert pipe.config.num_reference_tokens == 3 and pipe.config.lora_rank == 4
+    trained = loop.load_pipeline(options(init=tiny_model / "adapter"))
+    assert not torch.equal(pipe.encoder.final.reference_tokens, trained.encoder.final.reference_tokens[:3])

@@ -82,6 +82,7 @@ MODELS: dict[str, tuple[tuple[str, str, str], ...]] = {
     "easyref-concat": (("align", "align", "tokens"), ("single", "single", "tokens"),
                        ("multi", "multi-concat", "concat")),
     "easyref-no-single": (("align", "align", "tokens"), ("multi", "multi-no-single", "tokens")),
+    "easyref-multi-only": (("multi", "multi-only", "tokens"),),
 }
 
 
@@ -115,6 +116,8 @@ def train_stage(stage: str, run: Path, data: Path, pretrained: Path, budget: Sta
             "--aggregation", aggregation, "--negative-prompt", ""]
     if init is None:
         args += ["--num-reference-tokens", recipe.reference_tokens, "--cond-image-size", recipe.cond_image_size]
+        if stage != "align":
+            args += ["--skip-earlier-stages"]
     else:
         args += ["--init", init]
     if stage != "align":
@@ -206,7 +209,8 @@ def score(run: Path, judge, pretrained: Path) -> None:
 
 # Benchmark runs: method -> trained model (None for the baselines). Ordered by what matters most,
 # so an interrupted run has the main comparison first.
-BENCH_METHODS = ("easyref", "text-only", "ip-adapter", "easyref-average", "easyref-concat", "easyref-no-single")
+BENCH_METHODS = ("easyref", "text-only", "ip-adapter", "easyref-average", "easyref-concat", "easyref-no-single",
+                 "easyref-multi-only")
 SCALING_METHODS = ("easyref", "ip-adapter")
 SCALING_SIZES = (1, 2, 4, 8, 16, 32)
 SCALING_GROUPS = 10   # per split and kind

@@ -25,6 +25,7 @@ LABELS = {
     "easyref-average": "EasyRef, average aggregation",
     "easyref-concat": "EasyRef, concat aggregation",
     "easyref-no-single": "EasyRef without stage single",
+    "easyref-multi-only": "EasyRef, stage multi only",
     "ip-adapter": "IP-Adapter (references averaged)",
     "lora": "LoRA per group (subset)",
     "text-only": "text only (base model)",
@@ -252,8 +253,9 @@ def write_results(runs: dict[str, Path], document: Path, figures: Path, *, comma
         lines += ["## Table 5 analogue: how a group becomes tokens (each variant trained)", "",
                   *method_table(summaries, ("easyref", "easyref-average", "easyref-concat"),
                                 extra=("tokens", tokens)), ""]
-    if "easyref-no-single" in summaries:
-        lines += ["## Progressive training", "", *method_table(summaries, ("easyref", "easyref-no-single")), ""]
+    if "easyref-no-single" in summaries or "easyref-multi-only" in summaries:
+        lines += ["## Progressive training", "",
+                  *method_table(summaries, ("easyref", "easyref-no-single", "easyref-multi-only")), ""]
     if curves:
         scaling_figure(curves, figures / "shapesworld-scaling.png")
         sizes = sorted({p["size"] for by_split in curves.values() for points in by_split.values() for p in points})

@@ -78,6 +78,9 @@ def _add_train(subparsers) -> None:
                             "reference alone, reference-token outputs averaged), 'concat' (the final layer's outputs "
                             "at every image token). Given with --init, training continues the same parameters under "
                             "this aggregation (default: the --init adapter's, else tokens)")
+    model.add_argument("--skip-earlier-stages", action="store_true",
+                       help="start stage single or multi from a new adapter instead of --init (the paper's "
+                            "progressive-training ablation; the release always continues from the previous stage)")
     model.add_argument("--negative-prompt", metavar="TEXT",
                        help="text negative prompt the trained adapter uses when a generation names none: "
                             "validation images here and 'easyref generate' later; '' for a base that never saw "
@@ -176,7 +179,8 @@ def options_from_args(args: argparse.Namespace):
         stage=args.stage, data=Path(args.data), output=Path(args.output), model=args.model, base=args.base,
         mllm=args.mllm, init=Path(args.init) if args.init else None,
         image_root=Path(args.image_root) if args.image_root else None,
-        allow_absolute_paths=args.allow_absolute_paths, max_steps=args.max_steps,
+        allow_absolute_paths=args.allow_absolute_paths, skip_earlier_stages=args.skip_earlier_stages,
+        max_steps=args.max_steps,
         save_steps=args.save_steps, keep_checkpoints=args.keep_checkpoints, batch_size=args.batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps, learning_rate=args.learning_rate,
         lr_scheduler=args.lr_scheduler, lr_warmup_steps=args.lr_warmup_steps, weight_decay=args.weight_decay,

@@ -104,7 +104,8 @@ def model_parts(opts: TrainOptions) -> tuple[str | Path, str | Path]:
 
 
 def load_pipeline(opts: TrainOptions) -> EasyRefPipeline:
-    """A new EasyRef (stage 1 without ``--init``) or the ``--init`` adapter, plus the stage's LoRA, in float32."""
+    """A new EasyRef (stage 1, or ``--skip-earlier-stages``) or the ``--init`` adapter, plus the stage's LoRA,
+    in float32."""
     base, mllm = model_parts(opts)
     if opts.init is None:
         pipe = EasyRefPipeline.create(base, mllm, torch_dtype=torch.float32, **opts.fresh_adapter_kwargs())

@@ -84,6 +84,9 @@ class TrainOptions:
     base: str | None = None
     mllm: str | None = None
     init: Path | None = None
+    # Stages single / multi from a new adapter instead of the previous stage's (the paper's
+    # progressive-training ablation: multi-reference training alone).
+    skip_earlier_stages: bool = False
     image_root: Path | None = None
     allow_absolute_paths: bool = False  # records' absolute paths are refused unless asked for
     max_steps: int = 10_000
@@ -147,7 +150,10 @@ class TrainOptions:
     def check(self) -> None:
         """Every number and combination, before any file or model is touched beyond a stat."""
         stages.check_stage(self.stage)
-        if stages.needs_init(self.stage) and self.init is None:
+        if self.skip_earlier_stages and (self.init is not None or not stages.needs_init(self.stage)):
+            raise InvalidArgumentError("--skip-earlier-stages starts stage single or multi from a new adapter: "
+                                       "it goes without --init, and stage align always starts new")
+        if stages.needs_init(self.stage) and self.init is None and not self.skip_earlier_stages:
             previous = {"single": "stage 1 (align)", "multi": "stage 2 (single)"}[self.stage]
             raise InvalidArgumentError(
                 f"stage {self.stage} continues from the adapter of {previous}: pass --init RUN/adapter"
