@@ -110,6 +110,7 @@ def test_ip_adapter_loads_from_the_weight_file_itself(tiny_model, tiny_ip_adapte
 
 def test_methods_share_seeding_easyref_at_scale_zero_is_text_only(options, groups):
     easyref = make_method("easyref", options("--scale", "0"))
+    easyref.pipe.set_config(negative_prompt="")  # the text-only baseline has no negative text either
     text_only = make_method("text-only", options())
     a = easyref.generate(groups[1], seed=11, num_images=1)[0]
     b = text_only.generate(groups[1], seed=11, num_images=1)[0]
