@@ -458,3 +458,13 @@ def test_image_sha256() -> None:
     assert image_sha256(flat) != image_sha256(a)
     gray = Image.frombytes("L", (24, 8), a.tobytes())
     assert image_sha256(gray) != image_sha256(a)
+
+
+def test_a_too_elongated_reference_is_named_before_any_model_loads(tmp_path: Path) -> None:
+    """The release refuses an aspect ratio above 200; the check happens at loading, naming the file."""
+    good = save(noise_image(8, 8), tmp_path / "good.png")
+    thin = save(Image.new("RGB", (402, 2), "red"), tmp_path / "thin.png")
+    with pytest.raises(ImageError) as excinfo:
+        load_references([good, thin], max_references=4)
+    assert_user_error(excinfo, thin, "402x2 has an aspect ratio above the limit of 200")
+    assert len(load_references([save(Image.new("RGB", (400, 2), "red"), tmp_path / "ok.png")], 1)) == 1

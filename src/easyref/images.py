@@ -251,15 +251,26 @@ def expand_references(sources: Sequence[ImageSource]) -> list[str | Image.Image]
 def load_references(sources: Sequence[ImageSource], max_references: int) -> list[Image.Image]:
     """Expand folders, check the count is within 1..``max_references``, then load each image.
 
-    The count is checked before any image is decoded, so a wrong folder fails fast.
-    Raises :class:`InvalidArgumentError` for a bad count and :class:`ImageError` for a bad file.
+    The count is checked before any image is decoded, so a wrong folder fails fast; each image's
+    aspect ratio is checked here too (the release's limit of 200), so the file is named before any
+    model loads. Raises :class:`InvalidArgumentError` for a bad count and :class:`ImageError` for a
+    bad file.
     """
     items = expand_references(sources)
     if not 1 <= len(items) <= max_references:
         raise InvalidArgumentError(
             f"got {len(items)} reference images; give between 1 and {max_references}"
         )
-    return [load_image(item) for item in items]
+    images = []
+    for item in items:
+        image = load_image(item)
+        width, height = image.size
+        if max(width, height) / min(width, height) > RELEASE_MAX_ASPECT_RATIO:
+            label = "an in-memory image" if isinstance(item, Image.Image) else str(item)
+            raise ImageError(f"{label}: {width}x{height} has an aspect ratio above the limit of "
+                             f"{RELEASE_MAX_ASPECT_RATIO}")
+        images.append(image)
+    return images
 
 
 def _release_size(width: int, height: int) -> tuple[int, int]:
