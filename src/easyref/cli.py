@@ -70,6 +70,8 @@ def _add_reference_options(parser: argparse.ArgumentParser, required: bool) -> N
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from easyref.config import RELEASE_NEGATIVE_PROMPT
+
     parser = _Parser(
         prog=PROG,
         description="EasyRef: generate SDXL images that follow a group of reference images and a prompt.",
@@ -107,9 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="text prompt; required with --ref. With --embeds the prompt stored in the file "
                           "is used unless this is given")
     gen.add_argument("--negative-prompt", metavar="TEXT",
-                     help="what the image should not show (default: the model's, for the release "
-                          "'monochrome, lowres, bad anatomy, worst quality, low quality'; with --embeds, the "
-                          "file's if it stored one). An empty string means no negative text")
+                     help=f"what the image should not show (default: the model's, for the release "
+                          f"'{RELEASE_NEGATIVE_PROMPT}'; with --embeds, the file's if it stored one). An empty "
+                          "string means no negative text")
     gen.add_argument("--output", "-o", metavar="OUT.png", required=True,
                      help="image file to write; its suffix picks the format (.png, .jpg, .webp, ...). "
                           "With --num-images N>1 the files are OUT_0.png ... OUT_{N-1}.png. The sidecar "
@@ -295,6 +297,15 @@ def read_embeds(path: str | Path) -> tuple[Any, Any, dict[str, str]]:
     return embeds, negative, metadata
 
 
+def _check_prompts(args: argparse.Namespace) -> None:
+    """--prompt and --negative-prompt within the pipeline's limits, before any model loads."""
+    from easyref.pipeline import check_prompt
+
+    for text, flag in ((args.prompt, "--prompt"), (args.negative_prompt, "--negative-prompt")):
+        if text is not None:
+            check_prompt(text, flag)
+
+
 def _check_sidecar_is_ours(sidecar: Path) -> None:
     """The image's sidecar may replace an earlier easyref sidecar, never a user's own JSON file."""
     if not sidecar.exists():
@@ -331,7 +342,7 @@ def _maybe_json(text: str) -> Any:
 # -- commands -----------------------------------------------------------------------------------
 
 def cmd_generate(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from easyref.pipeline import check_generation_args, check_prompt
+    from easyref.pipeline import check_generation_args
 
     if sum(map(bool, (args.embeds, args.ref, args.example))) > 1:
         raise UsageError("give one of --ref, --example or --embeds")
@@ -355,9 +366,7 @@ def cmd_generate(args: argparse.Namespace, argv: Sequence[str]) -> int:
     check_generation_args(height=args.height, width=args.width, scale=args.scale,
                           guidance_scale=args.guidance_scale, num_inference_steps=args.steps,
                           num_images=args.num_images, seed=args.seed, names=SAMPLING_FLAGS)
-    for text, flag in ((args.prompt, "--prompt"), (args.negative_prompt, "--negative-prompt")):
-        if text is not None:
-            check_prompt(text, flag)
+    _check_prompts(args)
     outputs = _image_outputs(args.output, args.num_images)
     fmt = _image_format(outputs[0])
     sidecar = Path(args.output).with_suffix(".json")
@@ -421,13 +430,10 @@ def _write_outputs(images: list, outputs: list[Path], fmt: str, sidecar: Path, d
 
 
 def cmd_encode(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from easyref.pipeline import check_prompt
     from easyref.weights import save_safetensors
 
     _model_kwargs(args)
-    for text, flag in ((args.prompt, "--prompt"), (args.negative_prompt, "--negative-prompt")):
-        if text is not None:
-            check_prompt(text, flag)
+    _check_prompts(args)
     output = check_output_path(args.output)
     if output.suffix != EMBEDS_SUFFIX:
         raise OutputPathError(f"embeds file {output} must end in {EMBEDS_SUFFIX}")

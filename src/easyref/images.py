@@ -265,12 +265,17 @@ def load_references(sources: Sequence[ImageSource], max_references: int) -> list
     for item in items:
         image = load_image(item)
         width, height = image.size
-        if max(width, height) / min(width, height) > RELEASE_MAX_ASPECT_RATIO:
+        if _too_elongated(width, height):
             label = "an in-memory image" if isinstance(item, Image.Image) else str(item)
             raise ImageError(f"{label}: {width}x{height} has an aspect ratio above the limit of "
                              f"{RELEASE_MAX_ASPECT_RATIO}")
         images.append(image)
     return images
+
+
+def _too_elongated(width: int, height: int) -> bool:
+    """Beyond the release's aspect-ratio limit (it refuses such images)."""
+    return max(width, height) / min(width, height) > RELEASE_MAX_ASPECT_RATIO
 
 
 def _release_size(width: int, height: int) -> tuple[int, int]:
@@ -282,7 +287,7 @@ def _release_size(width: int, height: int) -> tuple[int, int]:
     minimum, both are grown by the same factor and ceiled to multiples of 28.
     """
     f = RELEASE_FACTOR
-    if max(width, height) / min(width, height) > RELEASE_MAX_ASPECT_RATIO:
+    if _too_elongated(width, height):
         raise InvalidArgumentError(
             f"image is {width}x{height}: aspect ratio "
             f"{max(width, height) / min(width, height):.1f} is above the limit of "

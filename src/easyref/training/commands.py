@@ -49,6 +49,7 @@ def add_commands(subparsers) -> None:
 # -- train --------------------------------------------------------------------------------------------
 
 def _add_train(subparsers) -> None:
+    from easyref.config import RELEASE_NEGATIVE_PROMPT
     from easyref.training.options import CROPS, Augmentations, TrainOptions
     from easyref.training.stages import STAGES
 
@@ -84,8 +85,8 @@ def _add_train(subparsers) -> None:
     model.add_argument("--negative-prompt", metavar="TEXT",
                        help="text negative prompt the trained adapter uses when a generation names none: "
                             "validation images here and 'easyref generate' later; '' for a base that never saw "
-                            "the release's words (default: the --init adapter's, else the release's 'monochrome, "
-                            "lowres, bad anatomy, worst quality, low quality')")
+                            f"the release's words (default: the --init adapter's, else the release's "
+                            f"'{RELEASE_NEGATIVE_PROMPT}')")
     model.add_argument("--lora-rank", type=int, metavar="R",
                        help="UNet LoRA rank for stages single and multi (default: the --init adapter's, else 128)")
     fresh = train.add_argument_group("a new adapter (stage align without --init)")
