@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from browser import browser
 from easyref.bench.human import wilson_interval, win_rates, write_compare_page
 from easyref.bench.manifest import BenchFormatError, Group, write_manifest
 from easyref.bench.runs import open_run, write_group
 from test_bench_manifest import bench_parser
-
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
 
 
 @pytest.fixture
@@ -57,31 +53,6 @@ def test_page_is_self_contained_seeded_and_escapes_captions(two_runs, tmp_path):
     assert lefts == {"A", "B"}
 
 
-def _require(available: bool, message: str) -> None:
-    """Skip on a developer machine without the browser; fail in CI, where it must be installed."""
-    if not available:
-        (pytest.fail if os.environ.get("CI") else pytest.skip)(message)
-
-
-def _browser(download_dir: Path):
-    """Headless Debian Chromium through its own chromedriver: Selenium Manager never runs (driver path given)."""
-    _require(CHROMIUM.is_file() and CHROMEDRIVER.is_file(),
-             "Debian's chromium and chromium-driver are needed (apt-get install -y chromium chromium-driver)")
-    _require(importlib.util.find_spec("selenium") is not None, "selenium is needed (pip install -e '.[dev]')")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                     "--no-first-run", "--disable-background-networking", "--disable-component-update",
-                     "--disable-sync"):
-        options.add_argument(argument)
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
-    driver.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(download_dir)})
-    return driver
-
-
 def _downloaded(folder: Path, timeout: float = 10.0) -> Path:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -99,7 +70,7 @@ def test_a_real_click_is_recorded_as_the_run_shown_on_that_side(two_runs, tmp_pa
     left_run = "red" if left_colour[0] > left_colour[2] else "blue"
     downloads = tmp_path / "downloads"
     downloads.mkdir()
-    driver = _browser(downloads)
+    driver = browser(downloads)
     try:
         driver.get(page.as_uri())
         assert driver.execute_script("return document.querySelectorAll('img.out').length") == 6

@@ -26,7 +26,7 @@ from typing import Any
 
 from easyref.cli_options import SAMPLING_FLAGS, add_device_options, add_model_options, add_verbose
 from easyref.errors import EasyRefError, ModelFormatError, OutputPathError
-from easyref.files import atomic_folder, atomic_path, check_output_path, package_versions, sha256_file
+from easyref.files import atomic_folder, atomic_path, check_output_path, sha256_file
 from easyref.quiet import quiet_libraries
 
 PROG = "easyref"
@@ -192,6 +192,29 @@ def build_parser() -> argparse.ArgumentParser:
                       help="replace a non-empty ADAPTER_DIR (swapped in only once the new one is complete; "
                            "default: refuse)")
     conv.set_defaults(func=cmd_convert)
+
+    # demo -------------------------------------------------------------------------------------
+    demo = commands.add_parser(
+        "demo", help="a web page: drop a group of references, type a prompt, get images",
+        description="Serve a Gradio web app: upload a reference group (and optional negative references), "
+                    "type a prompt, set scale, steps, guidance, seed and size, and download each image with "
+                    "its JSON sidecar. Without a model option it serves the bundled ShapesWorld model, "
+                    "offline, with clickable example groups. Needs the 'demo' extra: "
+                    "pip install 'easyref[demo]'.",
+        epilog="example: easyref demo  (then open http://127.0.0.1:7860)",
+    )
+    add_verbose(demo, default=argparse.SUPPRESS)
+    add_model_options(demo)
+    demo.add_argument("--host", default="127.0.0.1", metavar="ADDRESS",
+                      help="address to listen on; 0.0.0.0 makes the page reachable from other machines "
+                           "(default: 127.0.0.1, this machine only)")
+    demo.add_argument("--port", type=int, default=7860, metavar="N", help="port to listen on (default: 7860)")
+    demo.add_argument("--share", action="store_true",
+                      help="also open a public gradio.live link (needs internet; default: off)")
+    demo.add_argument("--output-dir", metavar="DIR",
+                      help="keep every generation here, one numbered folder each (default: a temporary folder)")
+    add_device_options(demo)
+    demo.set_defaults(func=cmd_demo)
     # Training and benchmarking register their own commands (they import the model parts, never the CLI).
     from easyref.bench.commands import add_commands as add_bench_commands
     from easyref.shapes.commands import add_commands as add_shapes_commands
@@ -402,17 +425,8 @@ def cmd_generate(args: argparse.Namespace, argv: Sequence[str]) -> int:
                   num_inference_steps=args.steps, guidance_scale=args.guidance_scale, scale=args.scale,
                   height=args.height, width=args.width, num_images=args.num_images, progress=True)
 
-    sidecar_data = {
-        "images": [path.name for path in outputs],
-        "seed": args.seed,
-        "settings": result.settings,
-        **record,
-        "device": str(pipe.device),
-        "dtype": str(pipe.base.unet.dtype).removeprefix("torch."),
-        "mllm_dtype": str(pipe.encoder.dtype).removeprefix("torch.") if pipe.encoder is not None else None,
-        "command": _command_line(argv),
-        "versions": package_versions(),
-    }
+    sidecar_data = {**pipe.sidecar(result, [path.name for path in outputs]), **record,
+                    "command": _command_line(argv)}
     _write_outputs(result.images, outputs, fmt, sidecar, sidecar_data)
     for path in outputs:
         print(path)
@@ -513,6 +527,32 @@ def cmd_convert(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 
 # -- entry point --------------------------------------------------------------------------------
+
+def cmd_demo(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    import importlib.util
+
+    if importlib.util.find_spec("gradio") is None:
+        raise UsageError("the web app needs Gradio: pip install 'easyref[demo]'")
+    if not 1 <= args.port <= 65535:
+        raise UsageError(f"--port must be between 1 and 65535, got {args.port}")
+    if not any((args.model, args.base, args.mllm, args.adapter)):
+        args.model = "shapesworld"
+    _check_hardware(args)
+    pipe = _load_pipeline(args)
+    from easyref.hub import bundled_folder, resolve
+    from easyref.web import DemoBackend, example_groups, launch
+
+    label = Path(args.model).name if args.model else Path(args.adapter or args.base).name
+    backend = DemoBackend(pipe, args.output_dir, model_label=label)
+    if args.model and resolve(args.model, "model") == bundled_folder("shapesworld"):
+        backend.examples = example_groups(backend.output_dir / "examples")
+    _say(f"serving on http://{args.host}:{args.port} (Ctrl+C stops)")
+    try:
+        launch(backend, args.host, args.port, share=args.share)
+    except OSError as exc:
+        raise OutputPathError(f"cannot listen on {args.host}:{args.port} ({exc}); pick another --port") from None
+    return 0
+
 
 def _one_line(message: object) -> str:
     lines = [line.strip() for line in str(message).splitlines() if line.strip()]

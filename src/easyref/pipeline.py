@@ -27,6 +27,7 @@ from easyref.config import AGGREGATIONS, EasyRefConfig
 from easyref.devices import pick_device, pick_dtype, pick_mllm_dtype
 from easyref.encoder import ReferenceEncoder, VisionBatching
 from easyref.errors import InvalidArgumentError, ModelFormatError, NonFiniteError, ShapeMismatchError
+from easyref.files import package_versions
 from easyref.hub import resolve
 from easyref.images import image_sha256, load_references
 from easyref.prompting import ReferenceProcessor, unconditional_image
@@ -389,6 +390,20 @@ class EasyRefPipeline:
             raise NonFiniteError(f"{what} hold NaN or infinite values")
 
     # -- generation --------------------------------------------------------------------------
+    def sidecar(self, result: EasyRefOutput, image_names: Sequence[str]) -> dict[str, Any]:
+        """The reproducibility record written next to generated images (CLI and web app alike):
+        every setting, the seed, where the model ran and the library versions. Callers add what
+        they alone know (the references' hashes, the command line)."""
+        return {
+            "images": list(image_names),
+            "seed": result.settings["seed"],
+            "settings": result.settings,
+            "device": str(self.device),
+            "dtype": str(self.base.unet.dtype).removeprefix("torch."),
+            "mllm_dtype": str(self.encoder.dtype).removeprefix("torch.") if self.encoder is not None else None,
+            "versions": package_versions(),
+        }
+
     def __call__(self, references: Sequence[ReferenceInput] | None = None, prompt: str = "", *,
                  embeds: torch.Tensor | None = None, negative_embeds: torch.Tensor | None = None,
                  negative_references: Sequence[ReferenceInput] | None = None,
