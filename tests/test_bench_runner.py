@@ -239,3 +239,16 @@ def test_scaling_command_writes_a_run_folder_per_size_and_the_csv(tiny_model, be
     assert [(r["size"], r["groups"], r["skipped_groups"]) for r in rows] == [("2", "4", "2"), ("3", "2", "4")]
     assert len(runs.read_images(output / "size-3")) == 2
     assert "size 3: 2 groups generated, 4 skipped" in result.stderr
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused_and_the_lock_is_gone_after(bench, tmp_path):
+    from easyref.errors import FolderInUseError
+    from easyref.files import LOCK_FILE, folder_lock
+
+    with folder_lock(tmp_path / "run", "easyref bench run --method other"):
+        method = Fake()
+        with pytest.raises(FolderInUseError, match="in use by easyref bench run --method other"):
+            run_benchmark(bench, method, tmp_path / "run")
+        assert method.generated == [] and not (tmp_path / "run" / runs.RUN_INFO).exists()
+    run = run_benchmark(bench, Fake(), tmp_path / "run")
+    assert not (run / LOCK_FILE).exists() and len(runs.read_images(run)) == 6

@@ -113,3 +113,20 @@ def test_train_help_is_wrapped_like_every_other_command(capsys, monkeypatch):
     text = capsys.readouterr().out
     assert "Train one stage of EasyRef's progressive training" in text
     assert max(len(line) for line in text.splitlines()) <= 100
+
+
+def test_an_output_folder_in_use_is_refused_and_a_lock_alone_is_not_a_foreign_file(tiny_model, data, tmp_path,
+                                                                                   capsys):
+    from easyref.files import LOCK_FILE, folder_lock
+
+    output = tmp_path / "run"
+    with folder_lock(output, "easyref train --stage align"):
+        status, line = run(capsys, "--stage", "align", *common(tiny_model, data, output))
+        assert status == 1 and f"{output} is in use by easyref train --stage align (pid" in line
+        assert sorted(p.name for p in output.iterdir()) == [LOCK_FILE]  # nothing of the refused run
+    # A stale lock (its process is gone) does not make the folder "not an easyref training run".
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    (output / LOCK_FILE).write_text(json.dumps({"pid": child.pid, "host": __import__("socket").gethostname()}))
+    status, _ = run(capsys, "--stage", "align", *common(tiny_model, data, output))
+    assert status == 0 and (output / "adapter").is_dir() and not (output / LOCK_FILE).exists()

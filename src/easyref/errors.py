@@ -47,3 +47,7 @@ class HubUnavailableError(EasyRefError, OSError):
 
 class OutputPathError(EasyRefError, OSError):
     """An output path cannot be written (missing folder, no permission)."""
+
+
+class FolderInUseError(OutputPathError):
+    """Another easyref process is writing the same output folder (its lock file names it)."""

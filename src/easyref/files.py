@@ -12,13 +12,17 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
+import socket
+import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
 
-from easyref.errors import OutputPathError, OutsideRootError
+from easyref.errors import FolderInUseError, OutputPathError, OutsideRootError
 
 VERSIONED_PACKAGES = ("easyref", "torch", "diffusers", "transformers", "accelerate", "peft",
                       "safetensors", "huggingface_hub", "pillow")
@@ -60,11 +64,58 @@ def _usual_mode(full: int) -> int:
     return full & ~umask
 
 
+# -- temporaries -----------------------------------------------------------------------------------
+# A temporary is named ``.<target>.<owner>.<random>.tmp...`` (or ``.old`` for a folder moved aside), where
+# the owner is this host's tag and the writing process's pid. A process killed with -9 cannot remove its
+# temporaries; the next writer of the same target can tell them from a live writer's and removes them.
+
+def _host_tag() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]
+
+
+def _owner() -> str:
+    return f"{_host_tag()}-{os.getpid()}"
+
+
+_TEMPORARY = re.compile(r"^\.(?P<target>.+)\.(?P<host>[0-9a-f]{6})-(?P<pid>\d+)\.[^.]+\.(tmp|old)")
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | Path, target: str | None = None) -> list[Path]:
+    """Delete temporaries in ``folder`` (of ``target`` only, when given) whose writer on this host is no
+    longer running; a live writer's, and those of other hosts (a shared filesystem), are left alone."""
+    folder, removed, host = Path(folder), [], _host_tag()
+    if not folder.is_dir():
+        return removed
+    for entry in folder.iterdir():
+        match = _TEMPORARY.match(entry.name)
+        if (match is None or match["host"] != host or (target is not None and match["target"] != target)
+                or _is_running(int(match["pid"]))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+        removed.append(entry)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
     path = check_output_path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+    remove_stale_temporaries(path.parent, path.name)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_owner()}.", suffix=".tmp" + path.suffix, dir=path.parent)
     os.close(fd)
     os.chmod(tmp, _usual_mode(0o666))
     try:
@@ -92,7 +143,7 @@ def replace_folder(staging: str | Path, final: str | Path) -> Path:
     staging, final = Path(staging), Path(final)
     aside = None
     if final.exists():
-        aside = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
+        aside = Path(tempfile.mkdtemp(prefix=f".{final.name}.{_owner()}.", suffix=".old", dir=final.parent))
         os.replace(final, aside / final.name)
     try:
         os.replace(staging, final)
@@ -106,6 +157,15 @@ def replace_folder(staging: str | Path, final: str | Path) -> Path:
     return final
 
 
+def remove_folder(folder: str | Path) -> None:
+    """Delete ``folder`` all at once for its readers: renamed to a hidden temporary first, then removed,
+    so a process killed half-way leaves a temporary (cleaned by the next writer), never a half folder."""
+    folder = Path(folder)
+    aside = Path(tempfile.mkdtemp(prefix=f".{folder.name}.{_owner()}.", suffix=".old", dir=folder.parent))
+    os.replace(folder, aside / folder.name)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_folder(path: str | Path, replace: bool = True) -> Iterator[Path]:
     """Yield a hidden temporary folder beside ``path``; it becomes ``path`` only if the block succeeds.
@@ -114,7 +174,8 @@ def atomic_folder(path: str | Path, replace: bool = True) -> Iterator[Path]:
     target), for folders that must be written exactly once.
     """
     path = Path(path)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    remove_stale_temporaries(path.parent, path.name)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.{_owner()}.", suffix=".tmp", dir=path.parent))
     os.chmod(staging, _usual_mode(0o777))
     try:
         yield staging
@@ -125,6 +186,59 @@ def atomic_folder(path: str | Path, replace: bool = True) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+# -- one writer per output folder -------------------------------------------------------------------
+LOCK_FILE = ".easyref.lock"
+
+
+def _read_lock(lock: Path) -> dict:
+    try:
+        holder = json.loads(lock.read_text())
+    except (OSError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | Path, command: str) -> Iterator[Path]:
+    """Hold ``folder/.easyref.lock`` (the holder's pid, host and command) while writing ``folder``.
+
+    A second writer is refused with :class:`FolderInUseError` naming the holder: two runs in one
+    folder interleave their logs and overwrite each other's checkpoints. A lock left by a process
+    of this host that is no longer running is taken over with a notice on stderr; one from another
+    host cannot be checked and is refused (the message says how to remove it).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / LOCK_FILE
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
+          "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, _usual_mode(0o666))
+        except FileExistsError:
+            holder = _read_lock(lock)
+            pid, host = holder.get("pid"), holder.get("host")
+            if isinstance(pid, int) and host == me["host"] and not _is_running(pid):
+                print(f"note: {folder} was locked by process {pid}, which is no longer running "
+                      f"({holder.get('command', '?')}); taking it over", file=sys.stderr, flush=True)
+                with contextlib.suppress(FileNotFoundError):
+                    lock.unlink()
+                continue
+            who = (f"{holder.get('command', 'another easyref command')} (pid {pid} on {host}, since "
+                   f"{holder.get('since', '?')})" if holder else "another easyref command")
+            raise FolderInUseError(f"{folder} is in use by {who}; wait for it to finish or use another folder "
+                                   f"(if that process is gone, delete {lock})") from None
+        with os.fdopen(fd, "w") as out:
+            json.dump(me, out)
+        break
+    try:
+        yield lock
+    finally:
+        if _read_lock(lock).get("pid") == me["pid"]:
+            with contextlib.suppress(FileNotFoundError):
+                lock.unlink()
 
 
 def write_json(path: str | Path, data: object) -> Path:

@@ -15,6 +15,7 @@ three promises:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -28,6 +29,7 @@ from easyref.bench import runs
 from easyref.bench.manifest import BenchFormatError, Group, load_manifest
 from easyref.bench.methods import Method
 from easyref.errors import InvalidArgumentError
+from easyref.files import folder_lock
 from easyref.pipeline import MAX_IMAGES_PER_CALL
 
 
@@ -86,13 +88,21 @@ def run_groups(groups: Sequence[Group], manifest: str | Path, method: Method, ou
     manifest, output = Path(manifest), Path(output)
     if settings is None:
         settings = {**method.settings(), "images_per_group": images_per_group, "base_seed": seed}
-    # The main process creates the folder first; the others then find it and check it.
-    if state.is_main_process:
-        run = _open_checked(output, manifest, method.name, settings)
-    state.wait_for_everyone()
-    if not state.is_main_process:
-        run = _open_checked(output, manifest, method.name, settings)
+    # One run per output folder: the main process holds its lock (the launch's other processes share it),
+    # creates the folder first; the others then find it and check it.
+    with contextlib.ExitStack() as held:
+        if state.is_main_process:
+            held.enter_context(folder_lock(output, f"easyref bench run --method {method.name}"))
+            run = _open_checked(output, manifest, method.name, settings)
+        state.wait_for_everyone()
+        if not state.is_main_process:
+            run = _open_checked(output, manifest, method.name, settings)
+        _generate_shard(groups, method, run, state, settings, seed, images_per_group)
+    return run
 
+
+def _generate_shard(groups: Sequence[Group], method: Method, run: Path, state: Any, settings: dict[str, Any],
+                    seed: int, images_per_group: int) -> None:
     ids = {group.id for group in groups}
     mine = [group for group in shard(groups, state.process_index, state.num_processes)
             if not runs.is_done(run, group.id)]
@@ -109,7 +119,6 @@ def run_groups(groups: Sequence[Group], manifest: str | Path, method: Method, ou
         bar.update(_count_done(run, ids) - bar.n)
     finally:
         bar.close()
-    return run
 
 
 def _generate_group(method: Method, group: Group, base_seed: int, num_images: int) -> tuple[list, dict[str, Any]]:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from easyref.errors import OutputPathError
-from easyref.files import replace_folder, write_json
+from easyref.files import LOCK_FILE, remove_folder, remove_stale_temporaries, replace_folder, write_json
 from easyref.training.errors import RunMismatchError
 
 RUN_FILE = "run.json"
@@ -87,7 +87,7 @@ def check_output(output: Path, identity: dict[str, Any], resume: str | None) -> 
         return
     run_file = output / RUN_FILE
     if not run_file.is_file():
-        if any(entry for entry in output.iterdir() if not _PARTIAL.match(entry.name)):
+        if any(entry for entry in output.iterdir() if not _PARTIAL.match(entry.name) and entry.name != LOCK_FILE):
             raise RunMismatchError(f"--output {output} holds files but no {RUN_FILE}: it is not an easyref "
                                    "training run; give a new or empty folder")
         return
@@ -111,12 +111,20 @@ def write_run_file(output: Path, identity: dict[str, Any]) -> None:
     write_json(output / RUN_FILE, identity)
 
 
-def remove_partial(output: Path) -> None:
-    """Delete temporary folders left by a run killed while saving."""
+def remove_partial(output: Path, keep: int) -> None:
+    """Finish what a run killed while saving left: delete half-written checkpoints and other stale
+    temporaries, and prune to the ``keep`` newest checkpoints (a kill during pruning left one more)."""
     if output.is_dir():
         for entry in output.iterdir():
             if _PARTIAL.match(entry.name) and entry.is_dir():
                 shutil.rmtree(entry, ignore_errors=True)
+        remove_stale_temporaries(output)
+        _prune(output, keep)
+
+
+def _prune(output: Path, keep: int) -> None:
+    for _, old in list_checkpoints(output)[:-keep]:
+        remove_folder(old)
 
 
 def temp_checkpoint(output: Path, step: int) -> Path:
@@ -128,6 +136,5 @@ def publish_checkpoint(output: Path, step: int, state: dict[str, Any], keep: int
     temp = temp_checkpoint(output, step)
     write_json(temp / STATE_FILE, state)
     final = replace_folder(temp, output / f"{CHECKPOINT_PREFIX}{step}")
-    for _, old in list_checkpoints(output)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    _prune(output, keep)
     return final

@@ -19,6 +19,7 @@ optimizer, scheduler and RNG states; the step gives the data position).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -34,7 +35,7 @@ from torch.utils.data import DataLoader
 
 from easyref import adapter as unet_adapter
 from easyref.errors import InvalidArgumentError, ModelFormatError, ShapeMismatchError
-from easyref.files import atomic_folder
+from easyref.files import atomic_folder, folder_lock
 from easyref.hub import resolve
 from easyref.pipeline import EasyRefPipeline
 from easyref.training import checkpoints, stages
@@ -294,9 +295,6 @@ def train(opts: TrainOptions) -> Path:
     records = load_records(opts.data)  # format errors surface before anything heavy
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from accelerate import Accelerator
-    from accelerate.utils import DistributedType, set_seed
-    from diffusers import DDPMScheduler
-    from diffusers.optimization import get_scheduler
 
     accelerator = Accelerator(mixed_precision=opts.mixed_precision,
                               gradient_accumulation_steps=opts.gradient_accumulation_steps,
@@ -305,16 +303,29 @@ def train(opts: TrainOptions) -> Path:
         raise InvalidArgumentError(
             f"the accelerate config sets gradient accumulation to {accelerator.gradient_accumulation_steps} but "
             f"--gradient-accumulation-steps is {opts.gradient_accumulation_steps}: remove one of the two")
-    main, num_processes, device = accelerator.is_main_process, accelerator.num_processes, accelerator.device
+    num_processes = accelerator.num_processes
     if len(records) < opts.batch_size * num_processes:
         raise TrainingDataError(f"{opts.data} has {len(records)} records; one step needs at least "
                                 f"{opts.batch_size * num_processes} (--batch-size x processes)")
     identity = {**opts.identity(), "mixed_precision": accelerator.mixed_precision, "num_processes": num_processes}
     checkpoints.check_output(opts.output, identity, opts.resume)
+    # One run per output folder; the other processes of this launch share their main process's lock.
+    with contextlib.ExitStack() as held:
+        if accelerator.is_main_process:
+            held.enter_context(folder_lock(opts.output, f"easyref train --stage {opts.stage}"))
+        return _train_locked(opts, accelerator, records, identity)
+
+
+def _train_locked(opts: TrainOptions, accelerator: Any, records: list, identity: dict[str, Any]) -> Path:
+    from accelerate.utils import DistributedType, set_seed
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+
+    main, num_processes, device = accelerator.is_main_process, accelerator.num_processes, accelerator.device
     resume_from = checkpoints.resolve_resume(opts.output, opts.resume)
     accelerator.wait_for_everyone()
     if main:
-        checkpoints.remove_partial(opts.output)
+        checkpoints.remove_partial(opts.output, opts.keep_checkpoints)
         checkpoints.write_run_file(opts.output, identity)
     accelerator.wait_for_everyone()
 
