@@ -112,7 +112,11 @@ def _line(**changes) -> str:
     ([_line(references=[])], "line 1: references must be a non-empty list"),
     ([_line(), '{"id": "g2", '], "line 2: not valid JSON"),
     ([_line(split="train")], "split must be one of held-in, held-out, coco"),
-    ([_line(id="a/b")], "id 'a/b' must be"),
+    ([_line(id="a/b")], "id 'a/b' may hold only letters, digits"),
+    ([_line(id="-ab")], "id '-ab' must start with a letter or a digit"),
+    ([_line(id="a" * 200)], "id is 200 characters long; at most 128"),
+    ([_line(id=7)], "id must be a string, got int"),
+    ([_line(), "[" * 100_000 + "]" * 100_000], "line 2: JSON nested too deeply to read"),
     ([_line(references=["../a.png"])], "line 1 \\(group g1\\): ../a.png leaves"),  # checked before any file is
     ([_line(target="sub/../../t.png")], "line 1 \\(group g1\\): sub/../../t.png leaves"),  # looked at
 ])

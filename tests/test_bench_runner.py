@@ -252,3 +252,32 @@ def test_a_second_run_into_a_folder_in_use_is_refused_and_the_lock_is_gone_after
         assert method.generated == [] and not (tmp_path / "run" / runs.RUN_INFO).exists()
     run = run_benchmark(bench, Fake(), tmp_path / "run")
     assert not (run / LOCK_FILE).exists() and len(runs.read_images(run)) == 6
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("empty", "group g3: .*g3_r1.png: file is empty"),
+    ("not an image", "group g3: .*g3_r1.png: not an image"),
+    ("too many", "group g3: got 129 reference images; give between 1 and 128"),
+])
+def test_a_bad_reference_stops_the_run_before_any_model_loads_naming_its_group(tmp_path, damage, message):
+    bench = write_manifest(tmp_path / "bench", [1, 2, 3, 2])
+    if damage == "empty":
+        (tmp_path / "bench" / "images" / "g3_r1.png").write_bytes(b"")
+    elif damage == "not an image":
+        (tmp_path / "bench" / "images" / "g3_r1.png").write_text("hello")
+    else:
+        lines = bench.read_text().splitlines()
+        record = json.loads(lines[3])
+        record["references"] = record["references"][:1] * 129
+        lines[3] = json.dumps(record)
+        bench.write_text("\n".join(lines) + "\n")
+    args = _parser().parse_args(["run", "--bench", str(bench), "--output", str(tmp_path / "run"),
+                                 "--model", str(tmp_path / "no-model"), *FAST])
+    with pytest.raises(BenchFormatError, match=message):
+        args.handler(args)
+    assert not (tmp_path / "run").exists()
+    # --limit leaves the bad group out: then nothing stops the run before the model (here: missing) loads.
+    args = _parser().parse_args(["run", "--bench", str(bench), "--output", str(tmp_path / "run"),
+                                 "--model", str(tmp_path / "no-model"), "--limit", "3", *FAST])
+    with pytest.raises(EasyRefError, match="no-model"):
+        args.handler(args)

@@ -468,3 +468,16 @@ def test_a_too_elongated_reference_is_named_before_any_model_loads(tmp_path: Pat
         load_references([good, thin], max_references=4)
     assert_user_error(excinfo, thin, "402x2 has an aspect ratio above the limit of 200")
     assert len(load_references([save(Image.new("RGB", (400, 2), "red"), tmp_path / "ok.png")], 1)) == 1
+
+
+def test_an_animated_image_is_read_as_its_first_frame_and_says_so(tmp_path, caplog):
+    frames = [Image.new("RGB", (32, 32), colour) for colour in ("red", "blue", "green")]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "still.gif")
+    with caplog.at_level("WARNING", logger="easyref"):
+        first = load_image(tmp_path / "anim.gif")
+        load_image(tmp_path / "still.gif")
+    assert first.getpixel((0, 0)) == (255, 0, 0)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{tmp_path / 'anim.gif'}: 3 frames (animated or multi-page); only the first is used"]
+

@@ -298,3 +298,23 @@ def test_non_finite_checkpoint_is_refused(models: Path, checkpoint: dict[str, to
     with pytest.raises(NonFiniteError, match=r"image_proj_model\.proj\.2\.weight holds NaN or infinite"):
         import_official(tmp_path / "inf.safetensors", tmp_path / "out", model=models)
     assert not (tmp_path / "out").exists()
+
+
+class _RunsCode:
+    """Unpickling this calls a function: what a weights-only load must refuse."""
+
+    def __reduce__(self):
+        return (print, ("this ran",))
+
+
+def test_a_checkpoint_holding_code_is_refused_in_one_clean_line_and_leaves_no_folders(models: Path, tmp_path: Path,
+                                                                                     capsys) -> None:
+    torch.save({"image_proj_model.latents": _RunsCode()}, tmp_path / "code.pt")
+    output = tmp_path / "new" / "deeper" / "adapter"
+    with pytest.raises(ModelFormatError) as caught:
+        import_official(tmp_path / "code.pt", output, model=models)
+    message = str(caught.value)
+    assert message == (f"checkpoint {tmp_path / 'code.pt'} holds Python objects (code), not only tensors; it was "
+                       "not loaded, since loading it could run that code")
+    assert "\x1b" not in message and "this ran" not in capsys.readouterr().out
+    assert not (tmp_path / "new").exists()

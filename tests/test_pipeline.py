@@ -189,6 +189,35 @@ def test_base_part_without_weights_is_named(tiny_model, tmp_path):
         EasyRefPipeline.from_pretrained(tmp_path / "m")
 
 
+def _break(model_folder, how: str) -> None:
+    if how == "unknown class":
+        index_path = model_folder / "base" / "model_index.json"
+        index = json.loads(index_path.read_text())
+        index["unet"] = ["diffusers", "NoSuchUNet2DModel"]
+        index_path.write_text(json.dumps(index))
+    elif how == "missing part":
+        shutil.rmtree(model_folder / "base" / "unet")
+    elif how == "no MLLM weights":
+        for weights in (model_folder / "mllm").glob("*.safetensors"):
+            weights.unlink()
+    else:
+        (model_folder / "adapter" / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+
+
+@pytest.mark.parametrize(("how", "message"), [
+    ("unknown class", "model_index.json declares unet as diffusers.NoSuchUNet2DModel, which this diffusers "
+                      "does not have"),
+    ("missing part", "model_index.json lists unet but there is no unet/ folder"),
+    ("no MLLM weights", "MLLM .*mllm has no weights file"),
+    ("deep JSON", "adapter/config.json: JSON nested too deeply to read"),
+])
+def test_a_broken_model_folder_is_named_in_one_sentence(tiny_model, tmp_path, how, message):
+    shutil.copytree(tiny_model, tmp_path / "m")
+    _break(tmp_path / "m", how)
+    with pytest.raises(ModelFormatError, match=message):
+        EasyRefPipeline.from_pretrained(tmp_path / "m")
+
+
 def test_adapter_dimension_mismatch_names_both(tiny_model, tmp_path):
     shutil.copytree(tiny_model / "adapter", tmp_path / "adapter")
     config = json.loads((tmp_path / "adapter" / "config.json").read_text())

@@ -130,3 +130,25 @@ def test_an_output_folder_in_use_is_refused_and_a_lock_alone_is_not_a_foreign_fi
     (output / LOCK_FILE).write_text(json.dumps({"pid": child.pid, "host": __import__("socket").gethostname()}))
     status, _ = run(capsys, "--stage", "align", *common(tiny_model, data, output))
     assert status == 0 and (output / "adapter").is_dir() and not (output / LOCK_FILE).exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated weights", "no optimizer state", "bad training state"])
+def test_a_damaged_latest_checkpoint_is_named_with_the_one_to_resume_from(tiny_model, data, tmp_path, capsys,
+                                                                          damage):
+    output = tmp_path / "run"
+    args = [*common(tiny_model, data, output), "--save-steps", 1]
+    args[args.index("--max-steps") + 1] = 2
+    assert run(capsys, "--stage", "align", *args)[0] == 0
+    latest = output / "checkpoint-2"
+    if damage == "truncated weights":
+        weights = latest / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])
+    elif damage == "no optimizer state":
+        (latest / "optimizer.bin").unlink()
+    else:
+        (latest / "training_state.json").write_text("{")
+    args[args.index("--max-steps") + 1] = 3
+    status, line = run(capsys, "--stage", "align", "--resume", "latest", *args)
+    assert status == 1 and f"checkpoint {latest} is damaged" in line
+    assert line.endswith(f"resume from the one before it with --resume {output / 'checkpoint-1'}")
+    assert run(capsys, "--stage", "align", "--resume", output / "checkpoint-1", *args)[0] == 0

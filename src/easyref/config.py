@@ -7,11 +7,11 @@ adapter folder is self-describing: the release's defaults are the dataclass defa
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Literal
 
 from easyref.errors import InvalidArgumentError, ModelFormatError
+from easyref.files import parse_json
 
 RELEASE_INSTRUCTION = (
     "Visualize a scene that closely resembles the provided images, capturing the essence and "
@@ -123,9 +123,10 @@ class EasyRefConfig:
         if not path.is_file():
             raise ModelFormatError(f"adapter folder {folder} has no {CONFIG_NAME}")
         try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ModelFormatError(f"{path} is not valid JSON: {exc}") from None
+            text = path.read_text()
+        except UnicodeDecodeError:
+            raise ModelFormatError(f"{path}: not a UTF-8 text file") from None
+        data = parse_json(text, str(path), ModelFormatError)
         if not isinstance(data, dict):
             raise ModelFormatError(f"{path} must hold a JSON object")
         return cls.from_dict(data, source=str(path))

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 from easyref.errors import FolderInUseError, OutputPathError, OutsideRootError
 
@@ -239,6 +240,18 @@ def folder_lock(folder: str | Path, command: str) -> Iterator[Path]:
         if _read_lock(lock).get("pid") == me["pid"]:
             with contextlib.suppress(FileNotFoundError):
                 lock.unlink()
+
+
+def parse_json(text: str, source: str, error: type[Exception]) -> Any:
+    """``json.loads`` for files users give: every way it fails (bad syntax, nesting deeper than Python can
+    decode) becomes one ``error`` naming ``source``, never a RecursionError from deep inside the decoder."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise error(f"{source}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    except RecursionError:
+        raise error(f"{source}: JSON nested too deeply to read (over {sys.getrecursionlimit()} levels); "
+                    "check that it is the right file") from None
 
 
 def write_json(path: str | Path, data: object) -> Path:

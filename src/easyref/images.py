@@ -13,6 +13,7 @@ image processor, so encodings match the released checkpoints.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
 import stat
@@ -48,6 +49,7 @@ ImageSource = str | os.PathLike | Image.Image
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 _WHITE = (255, 255, 255, 255)
+_log = logging.getLogger(__name__)
 
 
 def _label(source: ImageSource) -> str:
@@ -201,6 +203,10 @@ def load_image(source: ImageSource) -> Image.Image:
         raise ImageError(f"{label}: file is truncated or corrupt") from None
 
     with opened:
+        frames = getattr(opened, "n_frames", 1)
+        if frames > 1:
+            # Said, not silent: an animated reference or a multi-page TIFF is read as its first frame only.
+            _log.warning("%s: %d frames (animated or multi-page); only the first is used", label, frames)
         return _to_rgb(_decode(opened, label), label)
 
 

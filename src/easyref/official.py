@@ -22,6 +22,7 @@ release actually computes.
 from __future__ import annotations
 
 import os
+import pickle
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -92,8 +93,12 @@ def release_key(key: str) -> str:
 
 
 # -- reading -----------------------------------------------------------------------------------
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
+    """The first line of a library's message, without terminal colour codes (torch prints some)."""
+    text = _ANSI.sub("", str(exc)).strip().splitlines()
     return text[0][:200] if text else type(exc).__name__
 
 
@@ -109,6 +114,11 @@ def read_official_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            if "weights only load failed" not in str(exc).lower():
+                raise ModelFormatError(f"checkpoint {path} is not a readable torch file ({_first_line(exc)})") from None
+            raise ModelFormatError(f"checkpoint {path} holds Python objects (code), not only tensors; it was not "
+                                   "loaded, since loading it could run that code") from None
         except Exception as exc:  # noqa: BLE001 - a corrupt pickle can raise almost anything
             raise ModelFormatError(
                 f"checkpoint {path} is not a readable weights-only torch file ({_first_line(exc)})"
@@ -236,12 +246,12 @@ def _prepare_output(output: Path, overwrite: bool) -> None:
     if output.is_dir() and any(output.iterdir()) and not overwrite:
         raise OutputPathError(f"output folder {output} is not empty (--overwrite, or overwrite=True in Python, "
                               "replaces it)")
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputPathError(f"cannot create {output.parent} ({_first_line(exc)})") from None
-    if not os.access(output.parent, os.W_OK):
-        raise OutputPathError(f"output folder {output.parent} is not writable")
+    # Missing parent folders are made only when the adapter is written: a refused conversion leaves none.
+    existing = next(folder for folder in (output.absolute(), *output.absolute().parents) if folder.exists())
+    if not existing.is_dir():
+        raise OutputPathError(f"cannot create {output}: {existing} is a file")
+    if not os.access(existing, os.W_OK):
+        raise OutputPathError(f"output folder {existing} is not writable")
 
 
 def _checkpoint_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
@@ -284,6 +294,10 @@ def import_official(
     if mllm_state is not None:
         _check_against(mllm_state, mllm_state_dict(encoder), source, "MLLM", require_all=False)
         load_mllm_state(encoder, mllm_state, source)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputPathError(f"cannot create {output.parent} ({_first_line(exc)})") from None
     with atomic_folder(output) as folder:
         save_adapter(folder, pipe.config, encoder, unet, mllm_state)
     return output

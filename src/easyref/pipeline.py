@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import inspect
-import json
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -27,7 +27,7 @@ from easyref.config import AGGREGATIONS, EasyRefConfig
 from easyref.devices import pick_device, pick_dtype, pick_mllm_dtype
 from easyref.encoder import ReferenceEncoder, VisionBatching
 from easyref.errors import InvalidArgumentError, ModelFormatError, NonFiniteError, ShapeMismatchError
-from easyref.files import package_versions
+from easyref.files import package_versions, parse_json
 from easyref.hub import resolve
 from easyref.images import image_sha256, load_references
 from easyref.prompting import ReferenceProcessor, unconditional_image
@@ -75,6 +75,29 @@ def _model_parts(model: str | Path | None, base, mllm, adapter) -> dict[str, str
                 raise ModelFormatError(f"model folder {model} has no {part}/ part (or give {part}= explicitly)")
             parts[part] = folder / part
     return parts
+
+
+def _has_weights(folder: Path) -> bool:
+    return any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
+
+
+def _check_component(base: str | Path, folder: Path, part: str, declared: object) -> None:
+    """One line naming the problem for a component ``model_index.json`` declares but the folder cannot
+    provide: a class its library does not have (a typo, or a newer library), or a missing subfolder."""
+    if part.startswith("_") or not isinstance(declared, list) or len(declared) != 2 or None in declared:
+        return
+    library, name = declared
+    try:
+        module = importlib.import_module(str(library))
+    except ImportError:
+        raise ModelFormatError(f"base model {base}: model_index.json declares {part} from the library {library!r}, "
+                               "which is not installed") from None
+    if not hasattr(module, str(name)):
+        raise ModelFormatError(f"base model {base}: model_index.json declares {part} as {library}.{name}, which "
+                               f"this {library} does not have (a typo, or a newer {library} than "
+                               f"{getattr(module, '__version__', 'installed')})")
+    if not (folder / part).is_dir():
+        raise ModelFormatError(f"base model {base}: model_index.json lists {part} but there is no {part}/ folder")
 
 
 def check_prompt(prompt: object, name: str = "prompt") -> None:
@@ -147,10 +170,14 @@ class EasyRefPipeline:
         folder = resolve(base, "base model")
         if not (folder / "model_index.json").is_file():
             raise ModelFormatError(f"base model {base} is not a diffusers pipeline folder (no model_index.json)")
-        for part in json.loads((folder / "model_index.json").read_text()):
+        index = parse_json((folder / "model_index.json").read_text(), f"{folder}/model_index.json", ModelFormatError)
+        if not isinstance(index, dict):
+            raise ModelFormatError(f"{folder}/model_index.json must hold a JSON object")
+        for part, declared in index.items():
+            _check_component(base, folder, part, declared)
             sub = folder / part
             # A model part (it has a config.json) without weights: name it, not the last file diffusers tried.
-            if (sub / "config.json").is_file() and not any(sub.glob("*.safetensors")) and not any(sub.glob("*.bin")):
+            if (sub / "config.json").is_file() and not _has_weights(sub):
                 raise ModelFormatError(f"base model {base}: {part}/ has no weights file (*.safetensors or *.bin)")
         return StableDiffusionXLPipeline.from_pretrained(folder, dtype=torch_dtype)
 
@@ -161,6 +188,8 @@ class EasyRefPipeline:
         folder = resolve(mllm, "MLLM")
         if not (folder / "config.json").is_file():
             raise ModelFormatError(f"MLLM {mllm} is not a transformers model folder (no config.json)")
+        if not _has_weights(folder):
+            raise ModelFormatError(f"MLLM {mllm} has no weights file (model.safetensors, its shards, or *.bin)")
         return AutoModelForImageTextToText.from_pretrained(folder, dtype=torch_dtype), folder
 
     @classmethod

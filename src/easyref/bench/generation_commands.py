@@ -109,7 +109,7 @@ def add_run_commands(subparsers: Any) -> None:
 def _check_args(args: argparse.Namespace, run_folders: list[Path]) -> None:
     """Everything checkable without a model: numbers, the manifest and its files, the run folders."""
     from easyref.bench import runs
-    from easyref.bench.manifest import load_manifest
+    from easyref.bench.manifest import check_references, load_manifest
     from easyref.bench.methods import LoRATuning
     from easyref.devices import pick_device, pick_dtype
     from easyref.pipeline import MAX_IMAGES_PER_CALL, check_generation_args
@@ -124,7 +124,8 @@ def _check_args(args: argparse.Namespace, run_folders: list[Path]) -> None:
     if args.limit is not None and args.limit < 1:
         raise InvalidArgumentError(f"--limit must be a positive number of groups, got {args.limit}")
     pick_dtype(args.dtype, pick_device(args.device))
-    load_manifest(args.bench)
+    groups = sorted(load_manifest(args.bench), key=lambda group: group.id)[:args.limit]
+    check_references(groups)
     output = Path(args.output)
     if output.exists() and not output.is_dir():
         raise OutputPathError(f"--output {output} is a file; give a run folder")

@@ -20,16 +20,20 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from easyref.errors import InvalidArgumentError, ModelFormatError, OutsideRootError
-from easyref.files import atomic_write, resolve_under
-from easyref.images import IMAGE_SUFFIXES
+from tqdm.auto import tqdm
+
+from easyref.config import MAX_REFERENCES
+from easyref.errors import EasyRefError, InvalidArgumentError, ModelFormatError, OutsideRootError
+from easyref.files import atomic_write, parse_json, resolve_under
+from easyref.images import IMAGE_SUFFIXES, load_references
 
 # "coco" is the single-reference protocol (paper Table 2): neither seen nor unseen domains.
 SPLITS = ("held-in", "held-out", "coco")
 COCO = "coco"
 CAPTION_TXT = "caption.txt"
 CAPTIONS_JSON = "captions.json"
-_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_MAX_ID = 128
+_SAFE_ID = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9._-]{{0,{_MAX_ID - 1}}}$")
 _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 
 log = logging.getLogger(__name__)
@@ -62,12 +66,20 @@ class Group:
                 "caption": self.caption}
 
 
+def _id_problem(group_id: object) -> str:
+    """Why ``group_id`` is not a usable id (it names a folder of every run), said exactly."""
+    if not isinstance(group_id, str):
+        return f"id must be a string, got {type(group_id).__name__}"
+    if len(group_id) > _MAX_ID:
+        return f"id is {len(group_id)} characters long; at most {_MAX_ID}"
+    if not group_id or not group_id[0].isascii() or not group_id[0].isalnum():
+        return f"id {group_id!r} must start with a letter or a digit"
+    return f"id {group_id!r} may hold only letters, digits, '.', '_' and '-'"
+
+
 def _parse_line(line: str, number: int, root: Path, source: str, check_files: bool) -> Group:
     where = f"{source} line {number}"
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise BenchFormatError(f"{where}: not valid JSON ({exc.msg})") from None
+    record = parse_json(line, where, BenchFormatError)
     if not isinstance(record, dict):
         raise BenchFormatError(f"{where}: expected a JSON object")
     missing = [key for key in ("id", "split", "domain", "references", "target", "caption") if key not in record]
@@ -75,7 +87,7 @@ def _parse_line(line: str, number: int, root: Path, source: str, check_files: bo
         raise BenchFormatError(f"{where}: missing {', '.join(missing)}")
     group_id = record["id"]
     if not isinstance(group_id, str) or not _SAFE_ID.match(group_id):
-        raise BenchFormatError(f"{where}: id {group_id!r} must be letters, digits, '.', '_' or '-'")
+        raise BenchFormatError(f"{where}: {_id_problem(group_id)}")
     if record["split"] not in SPLITS:
         raise BenchFormatError(f"{where}: split must be one of {', '.join(SPLITS)}, got {record['split']!r}")
     for key in ("domain", "caption", "target"):
@@ -94,6 +106,17 @@ def _parse_line(line: str, number: int, root: Path, source: str, check_files: bo
             if not path.is_file():
                 raise BenchFormatError(f"{where} (group {group_id}): missing file {path}")
     return Group(group_id, record["split"], record["domain"], paths, target, record["caption"])
+
+
+def check_references(groups: Sequence[Group], max_references: int = MAX_REFERENCES) -> None:
+    """Open and decode every reference of ``groups`` before any model loads, so that a bad image stops the run
+    at once with the group named, not half-way through a long run."""
+    for group in tqdm(groups, desc="checking references", unit="group", disable=len(groups) < 100,
+                      dynamic_ncols=True):
+        try:
+            load_references(list(group.references), max_references)
+        except EasyRefError as exc:
+            raise BenchFormatError(f"group {group.id}: {exc}") from None
 
 
 def load_manifest(path: str | Path, check_files: bool = True) -> list[Group]:
@@ -136,7 +159,7 @@ def write_manifest(groups: Sequence[Group], output: str | Path) -> Path:
 
 def safe_id(text: str) -> str:
     """Turn folder names into a manifest id: runs of other characters become '_', at most 128 long."""
-    cleaned = _UNSAFE_CHARS.sub("_", text).lstrip("._-")[:128]
+    cleaned = _UNSAFE_CHARS.sub("_", text).lstrip("._-")[:_MAX_ID]
     if not cleaned:
         raise BenchFormatError(f"cannot make a group id from {text!r}: it has no letters or digits")
     return cleaned

@@ -16,14 +16,13 @@ be visible to every process (a shared filesystem on multi-node runs).
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 from easyref.errors import OutputPathError
-from easyref.files import LOCK_FILE, remove_folder, remove_stale_temporaries, replace_folder, write_json
+from easyref.files import LOCK_FILE, parse_json, remove_folder, remove_stale_temporaries, replace_folder, write_json
 from easyref.training.errors import RunMismatchError
 
 RUN_FILE = "run.json"
@@ -60,8 +59,23 @@ def resolve_resume(output: Path, resume: str | None) -> Path | None:
     return path
 
 
+def broken(checkpoint: Path, exc: BaseException) -> str:
+    """What to tell a user whose checkpoint cannot be loaded: which one, why, and where to resume instead."""
+    reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+    earlier = [path for _, path in list_checkpoints(checkpoint.parent) if path.name != checkpoint.name
+               and _step(path) < _step(checkpoint)]
+    advice = (f"resume from the one before it with --resume {earlier[-1]}" if earlier
+              else "there is no earlier checkpoint: start again with a new --output")
+    return f"checkpoint {checkpoint} is damaged and cannot be loaded ({reason}); {advice}"
+
+
+def _step(checkpoint: Path) -> int:
+    match = _CHECKPOINT.match(checkpoint.name)
+    return int(match.group(1)) if match else -1
+
+
 def read_state(checkpoint: Path) -> dict[str, Any]:
-    return json.loads((checkpoint / STATE_FILE).read_text())
+    return parse_json((checkpoint / STATE_FILE).read_text(), str(checkpoint / STATE_FILE), RunMismatchError)
 
 
 # The settings a user most likely changed by mistake come first in the message.
@@ -92,8 +106,8 @@ def check_output(output: Path, identity: dict[str, Any], resume: str | None) -> 
                                    "training run; give a new or empty folder")
         return
     try:
-        before = json.loads(run_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        before = parse_json(run_file.read_text(), str(run_file), RunMismatchError)
+    except (RunMismatchError, UnicodeDecodeError):
         raise RunMismatchError(f"{run_file} is not valid JSON; give a new --output folder") from None
     changes = _differences(before, identity)
     checkpoints = list_checkpoints(output)

@@ -231,6 +231,31 @@ def check_checkpoint_fits(checkpoint: Path, model: nn.Module) -> None:
                                      f"needs {shape}")
 
 
+def _load_checkpoint(checkpoint: Path, accelerator: Any, model: nn.Module, load_kwargs: dict) -> dict[str, Any]:
+    """Load a checkpoint into the prepared model; its training state is returned.
+
+    A checkpoint of another run is refused as such; one that is damaged (a file truncated or missing
+    after a crash or a full disk) is named with the earlier checkpoint to resume from instead.
+    """
+    try:
+        state = checkpoints.read_state(checkpoint)
+        if not isinstance(state, dict) or not {"step", "counts", "batches_per_epoch"} <= state.keys():
+            raise ValueError(f"{checkpoints.STATE_FILE} lacks step, counts or batches_per_epoch")
+    except Exception as exc:  # noqa: BLE001 - any failure to read it is the same damage for the user
+        raise RunMismatchError(checkpoints.broken(checkpoint, exc)) from None
+    try:
+        check_checkpoint_fits(checkpoint, accelerator.unwrap_model(model))
+    except (RunMismatchError, ShapeMismatchError):
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise RunMismatchError(checkpoints.broken(checkpoint, exc)) from None
+    try:
+        accelerator.load_state(str(checkpoint), **load_kwargs)
+    except Exception as exc:  # noqa: BLE001
+        raise RunMismatchError(checkpoints.broken(checkpoint, exc)) from None
+    return state
+
+
 # -- the run ------------------------------------------------------------------------------------------
 
 def _banner(opts: TrainOptions, accelerator, records, parts, frozen, batches_per_epoch: int) -> list[str]:
@@ -382,9 +407,7 @@ def _train_locked(opts: TrainOptions, accelerator: Any, records: list, identity:
     # -- resume -----------------------------------------------------------------------------------
     start_step, counts = 0, {"skipped_records": 0, "dropped_references": 0}
     if resume_from is not None:
-        check_checkpoint_fits(resume_from, accelerator.unwrap_model(model))
-        accelerator.load_state(str(resume_from), **load_kwargs)
-        state = checkpoints.read_state(resume_from)
+        state = _load_checkpoint(resume_from, accelerator, model, load_kwargs)
         if state["batches_per_epoch"] != batches_per_epoch:
             raise RunMismatchError(f"checkpoint {resume_from} was written with {state['batches_per_epoch']} batches "
                                    f"per epoch, this run has {batches_per_epoch}: the data file changed")

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-from easyref.files import resolve_under
+from easyref.files import parse_json, resolve_under
 from easyref.training.errors import DataFormatError
 
 RecordKind = Literal["single", "group", "face"]
@@ -125,11 +125,10 @@ def load_records(path: str | Path) -> list[Record]:
     if not path.is_file():
         raise DataFormatError(f"data file {path} not found")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise DataFormatError(f"{path}: not a UTF-8 text file") from None
-    except json.JSONDecodeError as exc:
-        raise DataFormatError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    data = parse_json(text, str(path), DataFormatError)
     return parse_records(data, str(path))
 
 
