@@ -360,3 +360,14 @@ def test_an_empty_reference_path_is_an_error_not_the_current_folder(work, tmp_pa
     monkeypatch.chdir(work / "refs")  # a folder full of images: '' must not mean "all of them"
     assert main(_generate(work, tmp_path / "x.png", "--ref", "", "--prompt", "a cat")) == 1
     assert "reference #1 is an empty path" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("suffix", "format_name"), [(".xbm", "XBM"), (".h5", "HDF5"), (".grib", "GRIB")])
+def test_an_output_suffix_pil_cannot_write_in_rgb_is_refused_before_the_model_loads(work, tmp_path, capsys,
+                                                                                   suffix, format_name):
+    output = tmp_path / f"out{suffix}"
+    assert main(_generate(work, output, "--ref", str(work / "refs"), "--prompt", "a cat",
+                          "--model", str(tmp_path / "no-such-model"))) == 1
+    err = capsys.readouterr().err
+    assert f"PIL cannot write an RGB image as {format_name}" in err and "loading model" not in err
+    assert not output.exists()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import io
 import json
 import os
 import shlex
@@ -271,6 +272,13 @@ def _image_format(path: Path) -> str:
             f"{f'the suffix {path.suffix!r}' if path.suffix else 'a name without a suffix'}; "
             "use .png, .jpg, .webp, ..."
         )
+    # Some formats PIL knows cannot hold an RGB image here (XBM is 1-bit; HDF5, GRIB, BUFR need plugins):
+    # find out with one pixel now, not after the models have loaded and the image is made.
+    try:
+        Image.new("RGB", (1, 1)).save(io.BytesIO(), format=fmt)
+    except Exception as exc:  # noqa: BLE001 - any failure means the same: this suffix cannot be written
+        raise OutputPathError(f"output {path}: PIL cannot write an RGB image as {fmt} ({exc}); use .png, .jpg, "
+                              ".webp, ...") from None
     return fmt
 
 
