@@ -174,9 +174,10 @@ def _target_caption(group_folder: Path, target: Path) -> str:
     captions_path = group_folder / CAPTIONS_JSON
     if captions_path.is_file():
         try:
-            captions = json.loads(captions_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BenchFormatError(f"{captions_path}: not valid JSON ({exc})") from None
+            text = captions_path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise BenchFormatError(f"{captions_path}: not a UTF-8 text file") from None
+        captions = parse_json(text, str(captions_path), BenchFormatError)
         if not isinstance(captions, dict) or not all(isinstance(v, str) for v in captions.values()):
             raise BenchFormatError(f"{captions_path}: expected an object {{file name: caption string}}")
         if target.name in captions:
@@ -261,11 +262,12 @@ def load_coco(captions_json: str | Path, image_dir: str | Path, limit: int | Non
     if not image_dir.is_dir():
         raise BenchFormatError(f"COCO image folder {image_dir} does not exist")
     try:
-        data = json.loads(captions_json.read_text(encoding="utf-8"))
+        text = captions_json.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise BenchFormatError(f"COCO captions file {captions_json} does not exist") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BenchFormatError(f"{captions_json}: not valid JSON ({exc})") from None
+    except UnicodeDecodeError:
+        raise BenchFormatError(f"{captions_json}: not a UTF-8 text file") from None
+    data = parse_json(text, str(captions_json), BenchFormatError)
     try:
         files = {int(image["id"]): str(image["file_name"]) for image in data["images"]}
         captions: dict[int, str] = {}

@@ -13,13 +13,12 @@ without a usable reference, face boxes outside their image.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from easyref.errors import ImageError, InvalidArgumentError, OutsideRootError
-from easyref.files import write_json
+from easyref.files import parse_json, write_json
 from easyref.images import IMAGE_SUFFIXES, load_image
 from easyref.training.errors import DataFormatError
 from easyref.training.records import Record, count_kinds, load_records, resolve_path
@@ -40,9 +39,10 @@ def _read_captions_file(folder: Path) -> dict[str, list[str]]:
     if not path.is_file():
         return {}
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataFormatError(f"{path}: not valid JSON ({exc})") from None
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DataFormatError(f"{path}: not a UTF-8 text file") from None
+    data = parse_json(text, str(path), DataFormatError)
     if not isinstance(data, dict):
         raise DataFormatError(f"{path}: must map image file names to a caption or a list of captions")
     captions = {}
