@@ -148,6 +148,8 @@ def test_backend_refuses_bad_input_with_one_readable_sentence(tiny_pipe, tmp_pat
     assert f"between 1 and {most}" in error(refs * (most // 2 + 1), None, "x", *settings)
     assert "--" not in error(refs, None, "x", "", 1.0, 2, 5.0, 0, 63, 64, 1)  # Python names, not flags
     assert "scale" in error(refs, None, "x", "", 99.0, 2, 5.0, 0, 64, 64, 1)
+    assert "start < end" in error(refs, None, "x", "", 1.0, 2, 5.0, 0, 64, 64, 1, 0.8, 0.2)
+    assert "--ref-layers" in error(refs, None, "x", "", 1.0, 2, 5.0, 0, 64, 64, 1, 0.0, 1.0, "styles")
     assert not list((tmp_path / "out").iterdir())  # nothing written for a refused request
 
 

@@ -137,6 +137,16 @@ def build_parser() -> argparse.ArgumentParser:
                                "(default: the model's native size, 1024 for SDXL)")
     sampling.add_argument("--num-images", type=int, default=1, metavar="N",
                           help="images to generate in one call, 1 to 16 (default: 1)")
+    control = gen.add_argument_group("reference control")
+    control.add_argument("--ref-start", type=float, default=0.0, metavar="F",
+                         help="the references act from this fraction of the denoising steps on (default: 0.0)")
+    control.add_argument("--ref-end", type=float, default=1.0, metavar="F",
+                         help="... up to this fraction: 0.5 lets them set the layout and leaves the details to the "
+                              "prompt (default: 1.0)")
+    control.add_argument("--ref-layers", metavar="PRESET|JSON", default="all",
+                         help="which layers read the references: all, style (InstantStyle's style block of SDXL), "
+                              "composition (its layout block), style+composition, or diffusers' per-block JSON, "
+                              "e.g. '{\"up\": {\"block_0\": [0, 1, 0]}}', each value times --scale (default: all)")
     add_device_options(gen)
     gen.set_defaults(func=cmd_generate)
 
@@ -398,6 +408,10 @@ def cmd_generate(args: argparse.Namespace, argv: Sequence[str]) -> int:
                           guidance_scale=args.guidance_scale, num_inference_steps=args.steps,
                           num_images=args.num_images, seed=args.seed, names=SAMPLING_FLAGS)
     _check_prompts(args)
+    from easyref.controls import active_steps, parse_layers
+
+    active_steps(args.steps, args.ref_start, args.ref_end)
+    layers = parse_layers(args.ref_layers)
     outputs = _image_outputs(args.output, args.num_images)
     fmt = _image_format(outputs[0])
     sidecar = Path(args.output).with_suffix(".json")
@@ -431,7 +445,8 @@ def cmd_generate(args: argparse.Namespace, argv: Sequence[str]) -> int:
     result = pipe(images, prompt, embeds=embeds, negative_embeds=negative_embeds,
                   negative_references=negative_images, negative_prompt=negative_prompt, seed=args.seed,
                   num_inference_steps=args.steps, guidance_scale=args.guidance_scale, scale=args.scale,
-                  height=args.height, width=args.width, num_images=args.num_images, progress=True)
+                  height=args.height, width=args.width, num_images=args.num_images, progress=True,
+                  ref_start=args.ref_start, ref_end=args.ref_end, ref_layers=None if layers == "all" else layers)
 
     sidecar_data = {**pipe.sidecar(result, [path.name for path in outputs]), **record,
                     "command": _command_line(argv)}

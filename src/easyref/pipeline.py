@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from easyref import adapter as unet_adapter
+from easyref import controls
 from easyref.config import AGGREGATIONS, EasyRefConfig
 from easyref.devices import pick_device, pick_dtype, pick_mllm_dtype
 from easyref.encoder import ReferenceEncoder, VisionBatching
@@ -439,7 +440,8 @@ class EasyRefPipeline:
                  negative_prompt: str | None = None, seed: int = 0, num_inference_steps: int = 30,
                  guidance_scale: float = 5.0, scale: float = 1.0, height: int | None = None,
                  width: int | None = None, num_images: int = 1, pipeline: Any = None,
-                 progress: bool = True, **pipeline_kwargs: Any) -> EasyRefOutput:
+                 progress: bool = True, ref_start: float = 0.0, ref_end: float = 1.0,
+                 ref_layers: str | dict[str, Any] | None = None, **pipeline_kwargs: Any) -> EasyRefOutput:
         """Generate ``num_images`` images following the references and the prompt.
 
         ``scale`` weighs the reference tokens (0 switches them off: exactly the base model's image
@@ -449,12 +451,19 @@ class EasyRefPipeline:
         pipeline zeroes an empty negative prompt, as diffusers does for ``None``.
         ``pipeline`` is an optional derived diffusers pipeline (img2img, inpainting, ControlNet)
         whose extra inputs go in ``pipeline_kwargs``.
+
+        ``ref_start`` / ``ref_end`` restrict the references to that fraction of the denoising steps
+        (e.g. ``ref_end=0.5``: the layout follows them, the details only the prompt). ``ref_layers``
+        restricts them to some layers: ``"style"``, ``"composition"``, ``"style+composition"``
+        (InstantStyle's blocks of SDXL's UNet) or diffusers' per-block dictionary, each value
+        multiplied by ``scale``.
         """
         check_generation_args(height=height, width=width, scale=scale, guidance_scale=guidance_scale,
                               num_inference_steps=num_inference_steps, num_images=num_images, seed=seed)
         check_prompt(prompt)
         if negative_prompt is not None:
             check_prompt(negative_prompt, "negative_prompt")
+        steps = controls.active_steps(num_inference_steps, ref_start, ref_end)
         self._require_base()
         target = pipeline if pipeline is not None else self.base
         if target.unet is not self.base.unet:
@@ -465,11 +474,14 @@ class EasyRefPipeline:
         ip_embeds = self.ip_adapter_embeds(references, prompt, embeds=embeds, negative_embeds=negative_embeds,
                                            negative_references=negative_references,
                                            negative_prompt=negative_prompt, guidance=guidance)
-        unet_adapter.set_scale(self.base.unet, float(scale))
+        controls.apply_layer_scales(self.base, float(scale), ref_layers)
         generator = torch.Generator("cpu").manual_seed(seed)
         target.set_progress_bar_config(disable=not progress)
-        pipeline_kwargs["callback_on_step_end"] = _refuse_non_finite_latents(
-            pipeline_kwargs.get("callback_on_step_end"))
+        callback = _refuse_non_finite_latents(pipeline_kwargs.get("callback_on_step_end"))
+        if len(steps) < num_inference_steps:
+            begin, callback = controls.step_window(self.base.unet, steps, callback)
+            begin()
+        pipeline_kwargs["callback_on_step_end"] = callback
         result = target(prompt=prompt, negative_prompt=negative_prompt or None, ip_adapter_image_embeds=ip_embeds,
                         generator=generator, num_inference_steps=num_inference_steps,
                         guidance_scale=guidance_scale, height=height, width=width,
@@ -479,6 +491,7 @@ class EasyRefPipeline:
             "prompt": prompt, "negative_prompt": negative_prompt, "seed": seed,
             "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "scale": scale,
             "height": height or default_side, "width": width or default_side, "num_images": num_images,
+            "ref_start": ref_start, "ref_end": ref_end, "ref_layers": ref_layers,
             "pipeline": type(target).__name__, "adapter_config": self.config.to_dict(), "sources": self.sources,
         }
         return EasyRefOutput(images=list(result.images), settings=settings)

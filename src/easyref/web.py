@@ -25,6 +25,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import gradio as gr  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from easyref.controls import LAYER_PRESETS, active_steps, parse_layers  # noqa: E402
 from easyref.errors import EasyRefError  # noqa: E402
 from easyref.files import atomic_write, sha256_file  # noqa: E402
 from easyref.images import load_references  # noqa: E402
@@ -95,7 +96,8 @@ class DemoBackend:
 
     def generate(self, files: Sequence[str] | None, negative_files: Sequence[str] | None, prompt: str,
                  negative_prompt: str, scale: float, steps: int, guidance: float, seed: int, height: int,
-                 width: int, num_images: int, progress: Progress | None = None
+                 width: int, num_images: int, ref_start: float = 0.0, ref_end: float = 1.0,
+                 ref_layers: str = "all", progress: Progress | None = None
                  ) -> tuple[list[tuple[str, str]], list[str], str]:
         """Generate; returns the gallery (path, caption), the files to download, and a status line.
 
@@ -113,6 +115,8 @@ class DemoBackend:
         try:
             check_generation_args(height=height, width=width, scale=float(scale), guidance_scale=float(guidance),
                                   num_inference_steps=steps, num_images=num_images, seed=seed)
+            active_steps(steps, float(ref_start), float(ref_end))
+            layers = parse_layers(ref_layers)
         except EasyRefError as exc:
             raise gr.Error(str(exc)) from None
         progress(0, desc="reading the references")
@@ -128,7 +132,8 @@ class DemoBackend:
             result = self.pipe(images, prompt or "", negative_references=negatives, negative_prompt=negative_prompt,
                                seed=seed, num_inference_steps=steps, guidance_scale=float(guidance),
                                scale=float(scale), height=height, width=width, num_images=num_images,
-                               progress=False, callback_on_step_end=step_done)
+                               progress=False, callback_on_step_end=step_done, ref_start=float(ref_start),
+                               ref_end=float(ref_end), ref_layers=None if layers == "all" else layers)
         except EasyRefError as exc:
             raise gr.Error(str(exc)) from None
         except Exception as exc:  # noqa: BLE001 - a bug must not take the page down or show a traceback
@@ -193,6 +198,11 @@ def build_app(backend: DemoBackend) -> gr.Blocks:
                     with gr.Row():
                         height = gr.Slider(64, MAX_SIDE, value=side, step=8, label="height")
                         width = gr.Slider(64, MAX_SIDE, value=side, step=8, label="width")
+                    with gr.Row():
+                        ref_start = gr.Slider(0, 1, value=0.0, step=0.05, label="references from (fraction of steps)")
+                        ref_end = gr.Slider(0, 1, value=1.0, step=0.05, label="references until")
+                        ref_layers = gr.Dropdown(list(LAYER_PRESETS), value="all", allow_custom_value=True,
+                                                 label="layers (preset, or diffusers' per-block JSON)")
                     negative_prompt = gr.Textbox(label="negative prompt", value=pipe.config.negative_prompt)
                     negative_references = gr.File(label="negative references (optional: what to move away from)",
                                                   file_count="multiple", file_types=["image"])
@@ -210,13 +220,11 @@ def build_app(backend: DemoBackend) -> gr.Blocks:
         references.change(backend.check_group, inputs=references, outputs=[previews, group_status])
         dice.click(random_seed, outputs=seed, queue=False)
 
-        def run(files, negative_files, prompt_, negative_prompt_, scale_, steps_, guidance_, seed_, height_,
-                width_, num_images_, progress=gr.Progress()):  # noqa: B008 - how Gradio asks for a progress bar
-            return backend.generate(files, negative_files, prompt_, negative_prompt_, scale_, steps_, guidance_,
-                                    seed_, height_, width_, num_images_, progress)
+        def run(*values, progress=gr.Progress()):  # noqa: B008 - how Gradio asks for a progress bar
+            return backend.generate(*values, progress=progress)
 
         generate.click(run, inputs=[references, negative_references, prompt, negative_prompt, scale, steps,
-                                    guidance, seed, height, width, num_images],
+                                    guidance, seed, height, width, num_images, ref_start, ref_end, ref_layers],
                        outputs=[results, downloads, status], concurrency_limit=1)
     app.queue(default_concurrency_limit=1)
     return app
