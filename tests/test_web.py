@@ -56,14 +56,15 @@ def counted_pipe(tiny_pipe):
     tiny_pipe.clear_cache()
 
 
-def _until(condition, what: str, timeout: float = WAIT):
+def _until(condition, what: str, timeout: float = WAIT, driver=None):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = condition()
         if value:
             return value
         time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+    shown = "" if driver is None else f"; the page said: {driver.find_element('tag name', 'body').text[-600:]!r}"
+    raise AssertionError(f"timed out waiting for {what}{shown}")
 
 
 def _text(driver, css: str) -> str:
@@ -88,7 +89,7 @@ def test_the_page_generates_downloads_a_sidecar_and_reuses_the_encoding(counted_
         driver.get(f"http://127.0.0.1:{port}/")
         upload = _until(lambda: driver.find_elements("css selector", "#references input[type=file]"), "the page")
         upload[0].send_keys("\n".join(str(p) for p in refs))
-        _until(lambda: "3 references ready" in _text(driver, "#group-status"), "the group to be checked")
+        _until(lambda: "3 references ready" in _text(driver, "#group-status"), "the group to be checked", driver=driver)
         driver.find_element("css selector", "#prompt textarea").send_keys("a cat")
         driver.find_element("css selector", "#more-settings .label-wrap").click()
         steps = _until(lambda: [e for e in driver.find_elements("css selector", "#steps input[type=number]")
@@ -96,7 +97,8 @@ def test_the_page_generates_downloads_a_sidecar_and_reuses_the_encoding(counted_
         steps.clear()
         steps.send_keys("3")
         driver.find_element("id", "generate").click()
-        links = _until(lambda: len(_download_links(driver)) == 2 and _download_links(driver), "the results")
+        links = _until(lambda: len(_download_links(driver)) == 2 and _download_links(driver), "the results",
+                       driver=driver)
         after_first = len(calls)
 
         image_link = next(link for link in links if ".png" in link)
@@ -113,7 +115,7 @@ def test_the_page_generates_downloads_a_sidecar_and_reuses_the_encoding(counted_
         seed.clear()
         seed.send_keys("5")
         driver.find_element("id", "generate").click()
-        _until(lambda: any("seed5" in link for link in _download_links(driver)), "the second result")
+        _until(lambda: any("seed5" in link for link in _download_links(driver)), "the second result", driver=driver)
         assert len(calls) == after_first  # only the seed changed: the MLLM did not run again
         assert after_first >= 1
 
