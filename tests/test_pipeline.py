@@ -170,8 +170,20 @@ def test_embeds_only_pipeline_needs_no_mllm(tiny_model, tiny_pipe, references):
     a = light(prompt="a cat", embeds=embeds, negative_embeds=uncond, seed=1, **FAST).images[0]
     b = tiny_pipe(references, "a cat", seed=1, **FAST).images[0]
     assert np.array_equal(_pixels(a), _pixels(b))
-    with pytest.raises(ModelFormatError, match="without the MLLM"):
+    with pytest.raises(ModelFormatError, match="has no MLLM"):
         light(references, "a cat", **FAST)
+
+
+def test_free_encoder_keeps_the_encoded_groups_and_refuses_new_ones(tiny_model, references):
+    pipe = EasyRefPipeline.from_pretrained(tiny_model, device="cpu", torch_dtype="float32")
+    before = pipe(references, "a cat", seed=1, **FAST).images[0]
+    pipe.free_encoder()
+    assert pipe.encoder is None
+    after = pipe(references, "a cat", seed=1, **FAST).images[0]  # from the cache, guidance branch included
+    assert np.array_equal(_pixels(after), _pixels(before))
+    assert not np.array_equal(_pixels(pipe(references, "a cat", seed=2, **FAST).images[0]), _pixels(before))
+    with pytest.raises(ModelFormatError, match="dropped by free_encoder"):
+        pipe(references, "a dog", **FAST)
 
 
 def test_model_folder_missing_a_part(tiny_model, tmp_path):

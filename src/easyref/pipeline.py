@@ -10,6 +10,7 @@ pipeline that shares every weight and takes the same embeds.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import importlib
 import inspect
@@ -350,15 +351,30 @@ class EasyRefPipeline:
             raise InvalidArgumentError(f"aggregation must be one of {', '.join(AGGREGATIONS)}, got {aggregation!r}")
         self.set_config(aggregation=aggregation)
 
-    def _encode(self, images: Sequence[Image.Image], prompt: str) -> torch.Tensor:
+    def free_encoder(self) -> None:
+        """Drop the MLLM to give its memory to SDXL once the groups are encoded.
+
+        Groups already encoded stay cached (and the unconditional branch is encoded now), so they
+        still generate with any seed, steps or size; a new group then needs a pipeline with the MLLM.
+        """
         if self.encoder is None:
-            raise ModelFormatError("this pipeline was loaded without the MLLM; pass precomputed embeds")
+            return
+        self.unconditional_embeds()
+        self.encoder = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _encode(self, images: Sequence[Image.Image], prompt: str) -> torch.Tensor:
         key = hashlib.sha256(
             "\n".join([self.config.aggregation, prompt, *(image_sha256(im) for im in images)]).encode()
         ).hexdigest()
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
+        if self.encoder is None:
+            raise ModelFormatError("this pipeline has no MLLM (loaded without it, or dropped by free_encoder()) and "
+                                   "this group is not among those it encoded; pass precomputed embeds")
         with torch.no_grad():
             embeds = self.encoder.encode([list(images)], [prompt])
         if not bool(torch.isfinite(embeds).all()):
