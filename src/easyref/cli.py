@@ -446,7 +446,7 @@ def cmd_generate(args: argparse.Namespace, argv: Sequence[str]) -> int:
                   negative_references=negative_images, negative_prompt=negative_prompt, seed=args.seed,
                   num_inference_steps=args.steps, guidance_scale=args.guidance_scale, scale=args.scale,
                   height=args.height, width=args.width, num_images=args.num_images, progress=True,
-                  ref_start=args.ref_start, ref_end=args.ref_end, ref_layers=None if layers == "all" else layers)
+                  ref_start=args.ref_start, ref_end=args.ref_end, ref_layers=layers)
 
     sidecar_data = {**pipe.sidecar(result, [path.name for path in outputs]), **record,
                     "command": _command_line(argv)}

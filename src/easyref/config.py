@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 from easyref.errors import InvalidArgumentError, ModelFormatError
-from easyref.files import parse_json
+from easyref.files import read_json
 
 RELEASE_INSTRUCTION = (
     "Visualize a scene that closely resembles the provided images, capturing the essence and "
@@ -122,11 +122,7 @@ class EasyRefConfig:
         path = Path(folder) / CONFIG_NAME
         if not path.is_file():
             raise ModelFormatError(f"adapter folder {folder} has no {CONFIG_NAME}")
-        try:
-            text = path.read_text()
-        except UnicodeDecodeError:
-            raise ModelFormatError(f"{path}: not a UTF-8 text file") from None
-        data = parse_json(text, str(path), ModelFormatError)
+        data = read_json(path, ModelFormatError)
         if not isinstance(data, dict):
             raise ModelFormatError(f"{path} must hold a JSON object")
         return cls.from_dict(data, source=str(path))

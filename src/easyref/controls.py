@@ -86,9 +86,9 @@ def active_steps(num_steps: int, start: float, end: float) -> range:
     return range(math.ceil(start * num_steps), math.ceil(end * num_steps))
 
 
-def step_window(unet: nn.Module, steps: range, user_callback: Callable | None) -> tuple[Callable, Callable]:
-    """``(begin, callback)``: ``begin()`` before denoising sets step 0's scales, the callback (diffusers'
-    ``callback_on_step_end``) sets each next step's; outside ``steps`` every adapter layer has scale 0."""
+def step_window(unet: nn.Module, steps: range, user_callback: Callable | None) -> Callable:
+    """Set step 0's scales now and return diffusers' ``callback_on_step_end`` that sets each next step's
+    (then runs ``user_callback``); outside ``steps`` every adapter layer has scale 0."""
     processors = list(unet_adapter.adapter_processors(unet).values())
     active = [list(processor.scale) for processor in processors]
 
@@ -100,4 +100,5 @@ def step_window(unet: nn.Module, steps: range, user_callback: Callable | None) -
         set_for(step + 1)
         return user_callback(pipe, step, timestep, outputs) if user_callback is not None else outputs
 
-    return (lambda: set_for(0)), callback
+    set_for(0)
+    return callback

@@ -142,10 +142,7 @@ def replace_folder(staging: str | Path, final: str | Path) -> Path:
     (put back if the move fails), so readers see the old folder or the new one, never a mix.
     """
     staging, final = Path(staging), Path(final)
-    aside = None
-    if final.exists():
-        aside = Path(tempfile.mkdtemp(prefix=f".{final.name}.{_owner()}.", suffix=".old", dir=final.parent))
-        os.replace(final, aside / final.name)
+    aside = _move_aside(final) if final.exists() else None
     try:
         os.replace(staging, final)
     except BaseException:
@@ -158,13 +155,17 @@ def replace_folder(staging: str | Path, final: str | Path) -> Path:
     return final
 
 
-def remove_folder(folder: str | Path) -> None:
-    """Delete ``folder`` all at once for its readers: renamed to a hidden temporary first, then removed,
-    so a process killed half-way leaves a temporary (cleaned by the next writer), never a half folder."""
-    folder = Path(folder)
+def _move_aside(folder: Path) -> Path:
+    """Move ``folder`` into a new hidden temporary beside it (one rename); return the temporary."""
     aside = Path(tempfile.mkdtemp(prefix=f".{folder.name}.{_owner()}.", suffix=".old", dir=folder.parent))
     os.replace(folder, aside / folder.name)
-    shutil.rmtree(aside, ignore_errors=True)
+    return aside
+
+
+def remove_folder(folder: str | Path) -> None:
+    """Delete ``folder`` all at once for its readers: moved aside first, then removed, so a process killed
+    half-way leaves a temporary (cleaned by the next writer), never a half folder."""
+    shutil.rmtree(_move_aside(Path(folder)), ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -252,6 +253,17 @@ def parse_json(text: str, source: str, error: type[Exception]) -> Any:
     except RecursionError:
         raise error(f"{source}: JSON nested too deeply to read (over {sys.getrecursionlimit()} levels); "
                     "check that it is the right file") from None
+
+
+def read_json(path: str | Path, error: type[Exception], source: str | None = None) -> Any:
+    """A user's JSON file: :func:`parse_json` of its UTF-8 text, a file that is not UTF-8 being the same
+    ``error`` naming it (``source``, default the path)."""
+    source = source or str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise error(f"{source}: not a UTF-8 text file") from None
+    return parse_json(text, source, error)
 
 
 def write_json(path: str | Path, data: object) -> Path:

@@ -114,12 +114,10 @@ def read_official_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as exc:
-            if "weights only load failed" not in str(exc).lower():
-                raise ModelFormatError(f"checkpoint {path} is not a readable torch file ({_first_line(exc)})") from None
-            raise ModelFormatError(f"checkpoint {path} holds Python objects (code), not only tensors; it was not "
-                                   "loaded, since loading it could run that code") from None
         except Exception as exc:  # noqa: BLE001 - a corrupt pickle can raise almost anything
+            if isinstance(exc, pickle.UnpicklingError) and "weights only load failed" in str(exc).lower():
+                raise ModelFormatError(f"checkpoint {path} holds Python objects (code), not only tensors; it was "
+                                       "not loaded, since loading it could run that code") from None
             raise ModelFormatError(
                 f"checkpoint {path} is not a readable weights-only torch file ({_first_line(exc)})"
             ) from None

@@ -29,7 +29,7 @@ from easyref.config import AGGREGATIONS, EasyRefConfig
 from easyref.devices import pick_device, pick_dtype, pick_mllm_dtype
 from easyref.encoder import ReferenceEncoder, VisionBatching
 from easyref.errors import InvalidArgumentError, ModelFormatError, NonFiniteError, ShapeMismatchError
-from easyref.files import package_versions, parse_json
+from easyref.files import package_versions, read_json
 from easyref.hub import resolve
 from easyref.images import image_sha256, load_references
 from easyref.prompting import ReferenceProcessor, unconditional_image
@@ -172,7 +172,7 @@ class EasyRefPipeline:
         folder = resolve(base, "base model")
         if not (folder / "model_index.json").is_file():
             raise ModelFormatError(f"base model {base} is not a diffusers pipeline folder (no model_index.json)")
-        index = parse_json((folder / "model_index.json").read_text(), f"{folder}/model_index.json", ModelFormatError)
+        index = read_json(folder / "model_index.json", ModelFormatError, f"{folder}/model_index.json")
         if not isinstance(index, dict):
             raise ModelFormatError(f"{folder}/model_index.json must hold a JSON object")
         for part, declared in index.items():
@@ -480,6 +480,7 @@ class EasyRefPipeline:
         if negative_prompt is not None:
             check_prompt(negative_prompt, "negative_prompt")
         steps = controls.active_steps(num_inference_steps, ref_start, ref_end)
+        ref_layers = None if ref_layers == "all" else ref_layers  # the preset of every layer is the plain case
         self._require_base()
         target = pipeline if pipeline is not None else self.base
         if target.unet is not self.base.unet:
@@ -495,8 +496,7 @@ class EasyRefPipeline:
         target.set_progress_bar_config(disable=not progress)
         callback = _refuse_non_finite_latents(pipeline_kwargs.get("callback_on_step_end"))
         if len(steps) < num_inference_steps:
-            begin, callback = controls.step_window(self.base.unet, steps, callback)
-            begin()
+            callback = controls.step_window(self.base.unet, steps, callback)
         pipeline_kwargs["callback_on_step_end"] = callback
         result = target(prompt=prompt, negative_prompt=negative_prompt or None, ip_adapter_image_embeds=ip_embeds,
                         generator=generator, num_inference_steps=num_inference_steps,

@@ -133,7 +133,7 @@ class DemoBackend:
                                seed=seed, num_inference_steps=steps, guidance_scale=float(guidance),
                                scale=float(scale), height=height, width=width, num_images=num_images,
                                progress=False, callback_on_step_end=step_done, ref_start=float(ref_start),
-                               ref_end=float(ref_end), ref_layers=None if layers == "all" else layers)
+                               ref_end=float(ref_end), ref_layers=layers)
         except EasyRefError as exc:
             raise gr.Error(str(exc)) from None
         except Exception as exc:  # noqa: BLE001 - a bug must not take the page down or show a traceback

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from easyref.config import MAX_REFERENCES
 from easyref.errors import EasyRefError, InvalidArgumentError, ModelFormatError, OutsideRootError
-from easyref.files import atomic_write, parse_json, resolve_under
+from easyref.files import atomic_write, parse_json, read_json, resolve_under
 from easyref.images import IMAGE_SUFFIXES, load_references
 
 # "coco" is the single-reference protocol (paper Table 2): neither seen nor unseen domains.
@@ -173,11 +173,7 @@ def _target_caption(group_folder: Path, target: Path) -> str:
     """The target's caption: ``captions.json`` entry for its file name, else ``caption.txt``, else ''."""
     captions_path = group_folder / CAPTIONS_JSON
     if captions_path.is_file():
-        try:
-            text = captions_path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise BenchFormatError(f"{captions_path}: not a UTF-8 text file") from None
-        captions = parse_json(text, str(captions_path), BenchFormatError)
+        captions = read_json(captions_path, BenchFormatError)
         if not isinstance(captions, dict) or not all(isinstance(v, str) for v in captions.values()):
             raise BenchFormatError(f"{captions_path}: expected an object {{file name: caption string}}")
         if target.name in captions:
@@ -262,12 +258,9 @@ def load_coco(captions_json: str | Path, image_dir: str | Path, limit: int | Non
     if not image_dir.is_dir():
         raise BenchFormatError(f"COCO image folder {image_dir} does not exist")
     try:
-        text = captions_json.read_text(encoding="utf-8")
+        data = read_json(captions_json, BenchFormatError)
     except FileNotFoundError:
         raise BenchFormatError(f"COCO captions file {captions_json} does not exist") from None
-    except UnicodeDecodeError:
-        raise BenchFormatError(f"{captions_json}: not a UTF-8 text file") from None
-    data = parse_json(text, str(captions_json), BenchFormatError)
     try:
         files = {int(image["id"]): str(image["file_name"]) for image in data["images"]}
         captions: dict[int, str] = {}

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from easyref.errors import OutputPathError
-from easyref.files import LOCK_FILE, parse_json, remove_folder, remove_stale_temporaries, replace_folder, write_json
+from easyref.files import LOCK_FILE, read_json, remove_folder, remove_stale_temporaries, replace_folder, write_json
 from easyref.training.errors import RunMismatchError
 
 RUN_FILE = "run.json"
@@ -62,8 +62,7 @@ def resolve_resume(output: Path, resume: str | None) -> Path | None:
 def broken(checkpoint: Path, exc: BaseException) -> str:
     """What to tell a user whose checkpoint cannot be loaded: which one, why, and where to resume instead."""
     reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
-    earlier = [path for _, path in list_checkpoints(checkpoint.parent) if path.name != checkpoint.name
-               and _step(path) < _step(checkpoint)]
+    earlier = [path for step, path in list_checkpoints(checkpoint.parent) if step < _step(checkpoint)]
     advice = (f"resume from the one before it with --resume {earlier[-1]}" if earlier
               else "there is no earlier checkpoint: start again with a new --output")
     return f"checkpoint {checkpoint} is damaged and cannot be loaded ({reason}); {advice}"
@@ -75,7 +74,7 @@ def _step(checkpoint: Path) -> int:
 
 
 def read_state(checkpoint: Path) -> dict[str, Any]:
-    return parse_json((checkpoint / STATE_FILE).read_text(), str(checkpoint / STATE_FILE), RunMismatchError)
+    return read_json(checkpoint / STATE_FILE, RunMismatchError)
 
 
 # The settings a user most likely changed by mistake come first in the message.
@@ -106,8 +105,8 @@ def check_output(output: Path, identity: dict[str, Any], resume: str | None) -> 
                                    "training run; give a new or empty folder")
         return
     try:
-        before = parse_json(run_file.read_text(), str(run_file), RunMismatchError)
-    except (RunMismatchError, UnicodeDecodeError):
+        before = read_json(run_file, RunMismatchError)
+    except RunMismatchError:
         raise RunMismatchError(f"{run_file} is not valid JSON; give a new --output folder") from None
     changes = _differences(before, identity)
     checkpoints = list_checkpoints(output)

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from easyref.errors import ImageError, InvalidArgumentError, OutsideRootError
-from easyref.files import parse_json, write_json
+from easyref.files import read_json, write_json
 from easyref.images import IMAGE_SUFFIXES, load_image
 from easyref.training.errors import DataFormatError
 from easyref.training.records import Record, count_kinds, load_records, resolve_path
@@ -38,11 +38,7 @@ def _read_captions_file(folder: Path) -> dict[str, list[str]]:
     path = folder / CAPTIONS_FILE
     if not path.is_file():
         return {}
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise DataFormatError(f"{path}: not a UTF-8 text file") from None
-    data = parse_json(text, str(path), DataFormatError)
+    data = read_json(path, DataFormatError)
     if not isinstance(data, dict):
         raise DataFormatError(f"{path}: must map image file names to a caption or a list of captions")
     captions = {}

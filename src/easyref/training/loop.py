@@ -245,12 +245,9 @@ def _load_checkpoint(checkpoint: Path, accelerator: Any, model: nn.Module, load_
         raise RunMismatchError(checkpoints.broken(checkpoint, exc)) from None
     try:
         check_checkpoint_fits(checkpoint, accelerator.unwrap_model(model))
-    except (RunMismatchError, ShapeMismatchError):
-        raise
-    except Exception as exc:  # noqa: BLE001
-        raise RunMismatchError(checkpoints.broken(checkpoint, exc)) from None
-    try:
         accelerator.load_state(str(checkpoint), **load_kwargs)
+    except (RunMismatchError, ShapeMismatchError):  # another run's checkpoint, said as such
+        raise
     except Exception as exc:  # noqa: BLE001
         raise RunMismatchError(checkpoints.broken(checkpoint, exc)) from None
     return state

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-from easyref.files import parse_json, resolve_under
+from easyref.files import read_json, resolve_under
 from easyref.training.errors import DataFormatError
 
 RecordKind = Literal["single", "group", "face"]
@@ -124,11 +124,7 @@ def load_records(path: str | Path) -> list[Record]:
     path = Path(path)
     if not path.is_file():
         raise DataFormatError(f"data file {path} not found")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise DataFormatError(f"{path}: not a UTF-8 text file") from None
-    data = parse_json(text, str(path), DataFormatError)
+    data = read_json(path, DataFormatError)
     return parse_records(data, str(path))
 
 
