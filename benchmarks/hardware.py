@@ -64,6 +64,8 @@ def build() -> dict:
         }
         mllm = Qwen2VLForConditionalGeneration(Qwen2VLConfig(**_config("qwen2_vl_2b")))
         parts["Qwen2-VL-2B"] = _count(mllm.model)  # the LM head is tied to the embeddings and never used
+        int8_weights = sum(layer.weight.numel() for layer in mllm.model.modules()
+                           if isinstance(layer, torch.nn.Linear))  # what --mllm-quantize int8 stores in 1 byte
         config = EasyRefConfig(mllm_hidden_size=mllm.config.text_config.hidden_size,
                                cross_attention_dim=unet.config.cross_attention_dim)
         encoder = ReferenceEncoder(mllm, None, config)
@@ -76,7 +78,8 @@ def build() -> dict:
     parts[f"UNet LoRA (rank {DEFAULT_LORA_RANK}, stages 2-3)"] = lora_total
     trainable = {stage: sum(p.numel() for params in trainable_parts(encoder, unet, stage).values() for p in params)
                  for stage in STAGES}
-    return {"parameters": parts, "trainable": trainable, "total": sum(parts.values())}
+    return {"parameters": parts, "trainable": trainable, "total": sum(parts.values()),
+            "mllm_linear_weights": int8_weights}
 
 
 def memory(counts: dict) -> dict:
@@ -93,7 +96,9 @@ def memory(counts: dict) -> dict:
             2 * max(unet_side, mllm_side) / GB,
         "GPU, from saved embeds (no MLLM loaded)": 2 * (sdxl + easyref - parts[
             "EasyRef head (final-layer copy, tokens, projection)"]) / GB,
+        "GPU, MLLM with 8-bit weights (--mllm-quantize int8)": (2 * total - counts["mllm_linear_weights"]) / GB,
         "CPU, float32 (RAM)": 4 * total / GB,
+        "CPU, float32, MLLM with 8-bit weights (RAM)": (4 * total - 3 * counts["mllm_linear_weights"]) / GB,
     }
     training = {}
     for stage, count in counts["trainable"].items():

@@ -48,3 +48,14 @@ def test_stage_trainable_sets_and_memory_arithmetic(counts, hardware):
     assert needs["inference"]["CPU, float32 (RAM)"] == pytest.approx(4 * counts["total"] / 1e9)
     one_gpu = needs["training"]["align"]["one GPU / DDP, per GPU"]
     assert one_gpu == pytest.approx((16 * trainable["align"] + 2 * (counts["total"] - trainable["align"])) / 1e9)
+
+
+def test_eight_bit_mllm_rows_store_the_mllms_linear_weights_in_one_byte(counts, hardware):
+    linear, mllm = counts["mllm_linear_weights"], counts["parameters"]["Qwen2-VL-2B"]
+    # Qwen2-VL-2B's Linear weights are most of it; its 151,936 x 1,536 token embedding is the largest rest
+    assert 0.8 * mllm < linear < mllm - 151_936 * 1536
+    inference = hardware.memory(counts)["inference"]
+    assert inference["GPU, MLLM with 8-bit weights (--mllm-quantize int8)"] == pytest.approx(
+        (2 * counts["total"] - linear) / 1e9)
+    assert inference["CPU, float32, MLLM with 8-bit weights (RAM)"] == pytest.approx(
+        (4 * counts["total"] - 3 * linear) / 1e9)

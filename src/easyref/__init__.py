@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from easyref import errors
     from easyref.config import EasyRefConfig
+    from easyref.controls import ReferenceGroup
     from easyref.pipeline import EasyRefPipeline
 
 try:
@@ -25,10 +26,11 @@ except metadata.PackageNotFoundError:  # running from a source tree that was nev
 _LAZY: dict[str, tuple[str, str | None]] = {
     "EasyRefPipeline": ("easyref.pipeline", "EasyRefPipeline"),
     "EasyRefConfig": ("easyref.config", "EasyRefConfig"),
+    "ReferenceGroup": ("easyref.controls", "ReferenceGroup"),
     "errors": ("easyref.errors", None),
 }
 
-__all__ = ["EasyRefConfig", "EasyRefPipeline", "__version__", "errors"]
+__all__ = ["EasyRefConfig", "EasyRefPipeline", "ReferenceGroup", "__version__", "errors"]
 
 
 def __getattr__(name: str) -> Any:

@@ -10,6 +10,9 @@ inpainting, ControlNet) conditions on them unchanged.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from diffusers.models.attention_processor import Attention, IPAdapterAttnProcessor2_0
 from diffusers.models.embeddings import MultiIPAdapterImageProjection
@@ -62,6 +65,30 @@ def set_scale(unet: nn.Module, scale: float) -> None:
     """Set the reference strength in every adapter layer (0 switches the adapter path off)."""
     for processor in adapter_processors(unet).values():
         processor.scale = [scale]
+
+
+@contextlib.contextmanager
+def group_slots(unet: nn.Module, count: int) -> Iterator[None]:
+    """Let one generation carry ``count`` reference groups through the same adapter weights.
+
+    Inside, the UNet looks to diffusers like one with ``count`` IP-Adapters whose projections are all
+    EasyRef's ``to_k_ip`` / ``to_v_ip`` (the same modules, not copies), so ``ip_adapter_image_embeds``,
+    per-adapter scales and ``ip_adapter_masks`` take one entry per group. Leaving restores one slot.
+    """
+    processors = list(adapter_processors(unet).values())
+    saved = [(processor.to_k_ip, processor.to_v_ip, processor.scale) for processor in processors]
+    projection = unet.encoder_hid_proj
+    try:
+        for processor in processors:
+            processor.to_k_ip = nn.ModuleList([processor.to_k_ip[0]] * count)
+            processor.to_v_ip = nn.ModuleList([processor.to_v_ip[0]] * count)
+            processor.scale = [processor.scale[0]] * count
+        unet.encoder_hid_proj = MultiIPAdapterImageProjection([nn.Identity() for _ in range(count)])
+        yield
+    finally:
+        for processor, (to_k_ip, to_v_ip, scale) in zip(processors, saved, strict=True):
+            processor.to_k_ip, processor.to_v_ip, processor.scale = to_k_ip, to_v_ip, scale
+        unet.encoder_hid_proj = projection
 
 
 def add_lora(unet: nn.Module, rank: int) -> None:

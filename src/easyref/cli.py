@@ -14,8 +14,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import importlib.util
 import io
 import json
+import math
 import os
 import shlex
 import sys
@@ -147,6 +149,18 @@ def build_parser() -> argparse.ArgumentParser:
                          help="which layers read the references: all, style (InstantStyle's style block of SDXL), "
                               "composition (its layout block), style+composition, or diffusers' per-block JSON, "
                               "e.g. '{\"up\": {\"block_0\": [0, 1, 0]}}', each value times --scale (default: all)")
+    control.add_argument("--ref-mask", metavar="IMG",
+                         help="an image, white where the references act and black where they do not; stretched "
+                              "to the output size (default: everywhere)")
+    control.add_argument("--group", nargs="+", action="append", metavar="KEY=VALUE",
+                         help="one more reference group, read by the MLLM on its own and added through the same "
+                              "adapter: ref=IMG|DIR (repeat for several), and optionally prompt=TEXT (what the MLLM "
+                              "reads with it; default --prompt), scale=X, mask=IMG, start=F, end=F, layers=PRESET|JSON "
+                              "(as the options above). Repeat --group for more groups, e.g. --ref face/ --group "
+                              "ref=style/ scale=0.6 layers=style")
+    gen.add_argument("--lora", metavar="FILE[:WEIGHT]", action="append",
+                     help="an SDXL LoRA (.safetensors, kohya or diffusers format) to apply at WEIGHT (default 1) "
+                          "alongside EasyRef's own; repeat for several, e.g. --lora pixel.safetensors:0.8")
     add_device_options(gen)
     gen.set_defaults(func=cmd_generate)
 
@@ -258,6 +272,8 @@ def _check_hardware(args: argparse.Namespace) -> None:
 
     pick_dtype(getattr(args, "mllm_dtype", None), pick_device(args.device))
     pick_dtype(args.dtype, pick_device(args.device))
+    if getattr(args, "mllm_quantize", None) and importlib.util.find_spec("torchao") is None:
+        raise UsageError("--mllm-quantize needs torchao: pip install 'easyref[quantize]'")
 
 
 def _load_group(sources: Sequence[str]) -> tuple[list, list[dict[str, str]]]:
@@ -268,6 +284,69 @@ def _load_group(sources: Sequence[str]) -> tuple[list, list[dict[str, str]]]:
     paths = [str(path) for path in expand_references(list(sources))]
     images = load_references(paths, MAX_REFERENCES)
     return images, [{"path": path, "sha256": sha256_file(path)} for path in paths]
+
+
+_GROUP_KEYS = ("ref", "prompt", "scale", "mask", "start", "end", "layers")
+
+
+def _check_mask(path: str, option: str) -> None:
+    """Read the mask now, before the model loads (a wrong or all-black mask fails in a second, not a minute)."""
+    from easyref.controls import load_mask
+
+    try:
+        load_mask(path, 512, 512)
+    except EasyRefError as exc:
+        raise UsageError(f"{option}: {exc}") from None
+
+
+def _group_option(spec: Sequence[str], steps: int) -> tuple[Any, dict[str, Any]]:
+    """One ``--group KEY=VALUE ...`` as a :class:`ReferenceGroup` (its images loaded and checked) and its record."""
+    from easyref.controls import ReferenceGroup, active_steps, parse_layers
+    from easyref.pipeline import check_prompt
+
+    values: dict[str, list[str]] = {}
+    for item in spec:
+        key, sep, value = item.partition("=")
+        if not sep or key not in _GROUP_KEYS:
+            raise UsageError(f"--group takes KEY=VALUE items with KEY one of {', '.join(_GROUP_KEYS)}; got {item!r}")
+        if key != "ref" and key in values:
+            raise UsageError(f"--group: {key}= given twice in one group")
+        values.setdefault(key, []).append(value)
+    if "ref" not in values:
+        raise UsageError("--group needs at least one ref=IMG|DIR")
+    one = {key: items[0] for key, items in values.items()}
+    numbers = {}
+    for key, default in (("scale", 1.0), ("start", 0.0), ("end", 1.0)):
+        try:
+            numbers[key] = float(one.get(key, default))
+        except ValueError:
+            raise UsageError(f"--group: {key}= must be a number, got {one[key]!r}") from None
+    if not (numbers["scale"] >= 0 and numbers["scale"] < float("inf")):
+        raise UsageError(f"--group: scale= must be a finite number >= 0, got {one['scale']!r}")
+    active_steps(steps, numbers["start"], numbers["end"])
+    if "prompt" in one:
+        check_prompt(one["prompt"], "--group prompt=")
+    if "mask" in one:
+        _check_mask(one["mask"], "--group mask=")
+    layers = parse_layers(one["layers"]) if "layers" in one else None
+    images, references = _load_group(values["ref"])
+    group = ReferenceGroup(images, prompt=one.get("prompt"), mask=one.get("mask"), layers=layers, **numbers)
+    mask = {"path": one["mask"], "sha256": sha256_file(one["mask"])} if "mask" in one else None
+    return group, {"references": references, "mask": mask}
+
+
+def _lora_option(text: str) -> tuple[str, float]:
+    """``FILE[:WEIGHT]`` as (path, weight); a colon that is not followed by a number belongs to the path."""
+    path, sep, weight = text.rpartition(":")
+    try:
+        path, value = (path, float(weight)) if sep else (text, 1.0)
+    except ValueError:
+        path, value = text, 1.0
+    if not math.isfinite(value):
+        raise UsageError(f"--lora {text}: the weight must be a finite number")
+    if not Path(path).is_file():
+        raise UsageError(f"--lora {text}: no such file {path}")
+    return path, value
 
 
 def _image_format(path: Path) -> str:
@@ -309,7 +388,8 @@ def _load_pipeline(args: argparse.Namespace, load_mllm: bool = True, load_base: 
     _say("loading model...")
     return EasyRefPipeline.from_pretrained(args.model, **_model_kwargs(args), device=args.device,
                                            torch_dtype=args.dtype, mllm_dtype=getattr(args, "mllm_dtype", None),
-                                           load_mllm=load_mllm, load_base=load_base)
+                                           load_mllm=load_mllm, load_base=load_base,
+                                           mllm_quantize=getattr(args, "mllm_quantize", None))
 
 
 def read_embeds(path: str | Path) -> tuple[Any, Any, dict[str, str]]:
@@ -408,10 +488,16 @@ def cmd_generate(args: argparse.Namespace, argv: Sequence[str]) -> int:
                           guidance_scale=args.guidance_scale, num_inference_steps=args.steps,
                           num_images=args.num_images, seed=args.seed, names=SAMPLING_FLAGS)
     _check_prompts(args)
-    from easyref.controls import active_steps, parse_layers
+    from easyref.controls import ReferenceGroup, active_steps, parse_layers
 
     active_steps(args.steps, args.ref_start, args.ref_end)
     layers = parse_layers(args.ref_layers)
+    if args.group and args.embeds:
+        raise UsageError("--group needs the MLLM to read its references; it does not combine with --embeds")
+    extra_groups = [_group_option(spec, args.steps) for spec in args.group or []]
+    if args.ref_mask:
+        _check_mask(args.ref_mask, "--ref-mask")
+    loras = [_lora_option(text) for text in args.lora or []]
     outputs = _image_outputs(args.output, args.num_images)
     fmt = _image_format(outputs[0])
     sidecar = Path(args.output).with_suffix(".json")
@@ -442,11 +528,21 @@ def cmd_generate(args: argparse.Namespace, argv: Sequence[str]) -> int:
     pipe = _load_pipeline(args, load_mllm=not args.embeds)
     if args.embeds and not args.other_model_embeds:
         _check_embeds_source(args.embeds, metadata, pipe.config.to_dict())
-    result = pipe(images, prompt, embeds=embeds, negative_embeds=negative_embeds,
-                  negative_references=negative_images, negative_prompt=negative_prompt, seed=args.seed,
-                  num_inference_steps=args.steps, guidance_scale=args.guidance_scale, scale=args.scale,
-                  height=args.height, width=args.width, num_images=args.num_images, progress=True,
-                  ref_start=args.ref_start, ref_end=args.ref_end, ref_layers=layers)
+    for path, weight in loras:
+        pipe.load_lora(path, weight)
+    if loras:
+        record["loras"] = [{"path": path, "sha256": sha256_file(path), "weight": weight} for path, weight in loras]
+    first = ReferenceGroup(images, embeds, scale=args.scale, mask=args.ref_mask, start=args.ref_start,
+                           end=args.ref_end, layers=layers)
+    if args.ref_mask:
+        record["ref_mask"] = {"path": args.ref_mask, "sha256": sha256_file(args.ref_mask)}
+    if extra_groups:
+        record["groups"] = [record_ for _, record_ in extra_groups]
+    result = pipe(None, prompt, groups=[first, *(group for group, _ in extra_groups)],
+                  negative_embeds=negative_embeds, negative_references=negative_images,
+                  negative_prompt=negative_prompt, seed=args.seed, num_inference_steps=args.steps,
+                  guidance_scale=args.guidance_scale, height=args.height, width=args.width,
+                  num_images=args.num_images, progress=True)
 
     sidecar_data = {**pipe.sidecar(result, [path.name for path in outputs]), **record,
                     "command": _command_line(argv)}
@@ -552,8 +648,6 @@ def cmd_convert(args: argparse.Namespace, argv: Sequence[str]) -> int:
 # -- entry point --------------------------------------------------------------------------------
 
 def cmd_demo(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    import importlib.util
-
     if importlib.util.find_spec("gradio") is None:
         raise UsageError("the web app needs Gradio: pip install 'easyref[demo]'")
     if not 1 <= args.port <= 65535:
@@ -562,12 +656,12 @@ def cmd_demo(args: argparse.Namespace, argv: Sequence[str]) -> int:
         args.model = "shapesworld"
     _check_hardware(args)
     pipe = _load_pipeline(args)
-    from easyref.hub import bundled_folder, resolve
+    from easyref.hub import bundled_folder
     from easyref.web import DemoBackend, example_groups, launch
 
     label = Path(args.model).name if args.model else Path(args.adapter or args.base).name
     backend = DemoBackend(pipe, args.output_dir, model_label=label)
-    if args.model and resolve(args.model, "model") == bundled_folder("shapesworld"):
+    if Path(pipe.sources["adapter"]).parent == bundled_folder("shapesworld"):
         backend.examples = example_groups(backend.output_dir / "examples")
     _say(f"serving on http://{args.host}:{args.port} (Ctrl+C stops)")
     try:

@@ -22,10 +22,12 @@ def add_model_options(parser: argparse.ArgumentParser, adapter: bool = True) -> 
     """``--model`` plus one override per part; returns the group so a command can add its own."""
     group = parser.add_argument_group("model")
     parts = "base/, mllm/ and adapter/" if adapter else "base/ and mllm/"
+    names = ", 'shapesworld' (the bundled miniature model) or 'official' (the authors' release: SDXL base, " \
+            "Qwen2-VL-2B-Instruct and their checkpoint, from the Hugging Face cache, converted once)" if adapter else ""
     group.add_argument(
         "--model", metavar="DIR",
         help=f"model folder holding {parts} (as written by 'easyref make-tiny' or "
-             "EasyRefPipeline.save_pretrained), or a Hugging Face Hub id",
+             f"EasyRefPipeline.save_pretrained), a Hugging Face Hub id{names}",
     )
     group.add_argument("--base", metavar="DIR_OR_ID",
                        help="SDXL base model (a diffusers folder or hub id); overrides MODEL/base")
@@ -50,6 +52,10 @@ def add_device_options(parser: argparse.ArgumentParser) -> None:
                        help="the MLLM's precision: auto (bfloat16 on a CUDA GPU that has it, as the release; "
                             "Qwen2 overflows in float16; float32 on CPU or with --dtype float32), float32, "
                             "bfloat16, float16 (default: auto)")
+    group.add_argument("--mllm-quantize", choices=("int8",), metavar="int8",
+                       help="8-bit MLLM weights (torchao, CPU and GPU; pip install 'easyref[quantize]'): about half "
+                            "the MLLM's weight memory in bfloat16, a third in float32; docs/BENCHMARKS.md gives the "
+                            "drift it costs (default: off)")
 
 
 # The sampling flags of 'generate' and 'bench run', by the Python names the pipeline checks them under.

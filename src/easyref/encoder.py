@@ -82,6 +82,7 @@ class ReferenceEncoder(nn.Module):
         self.processor = processor
         self.config = config
         self.vision_batching = vision_batching
+        self.quantization: str | None = None  # set by easyref.quantize
         text_config = self.language_model.config
         if text_config.hidden_size != config.mllm_hidden_size:
             raise ShapeMismatchError(

@@ -8,6 +8,17 @@ so ``except ValueError`` keeps working.
 
 from __future__ import annotations
 
+import re
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of a library's message, without terminal colour codes (torch prints some): what a one-line
+    error can quote of it."""
+    text = _ANSI.sub("", str(exc)).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
+
 
 class EasyRefError(Exception):
     """Base class: a problem with the user's input, files or environment, never a bug."""

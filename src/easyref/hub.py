@@ -8,13 +8,21 @@ one clear error when it cannot be reached (instead of a stack of retries deep in
 
 from __future__ import annotations
 
+import json
+import logging
 import re
 from pathlib import Path
+from typing import Literal
 
-from easyref.errors import HubUnavailableError, ModelFormatError
+from easyref.errors import HubUnavailableError, ModelFormatError, first_line
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 BUNDLED_MODELS = ("shapesworld",)
+_log = logging.getLogger(__name__)
+
+# What a hub download of a transformers model fetches (a diffusers pipeline: see _pipeline_files).
+_MODEL_FILES = {"allow_patterns": ["*.json", "*.txt", "*.jinja", "*.model", "*.safetensors"],
+                "ignore_patterns": ["*onnx*", "*.gguf"]}
 
 
 def bundled_folder(name: str) -> Path:
@@ -22,8 +30,12 @@ def bundled_folder(name: str) -> Path:
     return Path(__file__).resolve().parent / "models" / name
 
 
-def resolve(source: str | Path, what: str) -> Path:
-    """Return a local folder for ``source``; download (or find in the cache) when it is a hub id."""
+def resolve(source: str | Path, what: str, kind: Literal["pipeline", "model"] | None = None) -> Path:
+    """Return a local folder for ``source``; find it in the hub cache or download it when it is a hub id.
+
+    ``kind`` limits a download to what a diffusers pipeline or a transformers model needs (without it:
+    the whole repository); a download says first how large it is.
+    """
     path = Path(source).expanduser()
     if str(source) in BUNDLED_MODELS and not path.exists():
         folder = bundled_folder(str(source))
@@ -38,16 +50,52 @@ def resolve(source: str | Path, what: str) -> Path:
     text = str(source)
     if not _HUB_ID.match(text):
         raise ModelFormatError(f"{what} {source}: no such folder (and not a hub id like owner/name)")
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
 
     try:
         return Path(snapshot_download(text, local_files_only=True))
     except Exception:  # noqa: BLE001 - not cached: fall through to the network
         pass
+    if constants.is_offline_mode():
+        raise HubUnavailableError(f"{what} {text} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and "
+                                  "HF_HUB_OFFLINE is set: download it on a connected machine first")
+    files = _pipeline_files(text, what) if kind == "pipeline" else _MODEL_FILES if kind == "model" else {}
     try:
-        return Path(snapshot_download(text, etag_timeout=10))
+        _announce(text, what, files)
+        return Path(snapshot_download(text, etag_timeout=10, **files))
     except Exception as exc:  # noqa: BLE001 - any hub failure is the same problem for the user
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise HubUnavailableError(
-            f"{what} {text}: not in the local cache and the Hugging Face Hub cannot be reached ({reason})"
+            f"{what} {text}: not in the local cache and the Hugging Face Hub cannot be reached ({first_line(exc)})"
         ) from None
+
+
+def _pipeline_files(repo: str, what: str) -> dict[str, list[str]]:
+    """A diffusers pipeline's configs, texts and safetensors weights of the components its model_index.json names.
+
+    SDXL's repository also holds a 7 GB single-file checkpoint, fp16 variants, a second VAE, ONNX and
+    OpenVINO exports; diffusers' own from_pretrained skips them too.
+    """
+    from huggingface_hub import hf_hub_download
+
+    try:
+        index = json.loads(Path(hf_hub_download(repo, "model_index.json", etag_timeout=10)).read_text())
+    except Exception as exc:  # noqa: BLE001 - offline, missing or unreadable: the same problem for the user
+        raise HubUnavailableError(f"{what} {repo}: cannot read its model_index.json from the Hugging Face cache or "
+                                  f"the Hub ({first_line(exc)})") from None
+    parts = [name for name, value in index.items()
+             if not name.startswith("_") and isinstance(value, list) and value and value[0] is not None]
+    patterns = [f"{part}/*.{suffix}" for part in parts for suffix in ("json", "txt", "safetensors")]
+    return {"allow_patterns": ["model_index.json", *patterns], "ignore_patterns": ["*.fp16.*"]}
+
+
+def _announce(repo: str, what: str, files: dict[str, list[str]]) -> None:
+    """Say how much a download will fetch before it starts (a real SDXL + Qwen2-VL is about 15 GB)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.utils import filter_repo_objects
+
+    info = HfApi().model_info(repo, files_metadata=True)
+    sizes = {sibling.rfilename: sibling.size or 0 for sibling in info.siblings or []}
+    chosen = filter_repo_objects(list(sizes), allow_patterns=files.get("allow_patterns"),
+                                 ignore_patterns=files.get("ignore_patterns"))
+    total = sum(sizes[name] for name in chosen)
+    _log.warning("downloading %s %s (%.1f GB) into the Hugging Face cache", what, repo, total / 1e9)

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from easyref.config import EasyRefConfig, ReferenceAttention
-from easyref.errors import ModelFormatError, OutputPathError, ShapeMismatchError
+from easyref.errors import ModelFormatError, OutputPathError, ShapeMismatchError, first_line
 from easyref.files import atomic_folder
 from easyref.weights import (
     adapter_state_dict,
@@ -93,15 +93,6 @@ def release_key(key: str) -> str:
 
 
 # -- reading -----------------------------------------------------------------------------------
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def _first_line(exc: BaseException) -> str:
-    """The first line of a library's message, without terminal colour codes (torch prints some)."""
-    text = _ANSI.sub("", str(exc)).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__
-
-
 def read_official_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The release's state dict from a ``.safetensors`` file or a DeepSpeed/torch ``.pt``/``.bin``."""
     path = Path(path)
@@ -119,7 +110,7 @@ def read_official_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]
                 raise ModelFormatError(f"checkpoint {path} holds Python objects (code), not only tensors; it was "
                                        "not loaded, since loading it could run that code") from None
             raise ModelFormatError(
-                f"checkpoint {path} is not a readable weights-only torch file ({_first_line(exc)})"
+                f"checkpoint {path} is not a readable weights-only torch file ({first_line(exc)})"
             ) from None
         if isinstance(state, dict) and isinstance(state.get("module"), dict):
             state = state["module"]
@@ -295,7 +286,7 @@ def import_official(
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise OutputPathError(f"cannot create {output.parent} ({_first_line(exc)})") from None
+        raise OutputPathError(f"cannot create {output.parent} ({first_line(exc)})") from None
     with atomic_folder(output) as folder:
         save_adapter(folder, pipe.config, encoder, unet, mllm_state)
     return output

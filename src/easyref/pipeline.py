@@ -26,14 +26,17 @@ from PIL import Image
 from easyref import adapter as unet_adapter
 from easyref import controls
 from easyref.config import AGGREGATIONS, EasyRefConfig
+from easyref.controls import ReferenceGroup
 from easyref.devices import pick_device, pick_dtype, pick_mllm_dtype
 from easyref.encoder import ReferenceEncoder, VisionBatching
-from easyref.errors import InvalidArgumentError, ModelFormatError, NonFiniteError, ShapeMismatchError
+from easyref.errors import InvalidArgumentError, ModelFormatError, NonFiniteError, ShapeMismatchError, first_line
 from easyref.files import package_versions, read_json
 from easyref.hub import resolve
 from easyref.images import image_sha256, load_references
 from easyref.prompting import ReferenceProcessor, unconditional_image
+from easyref.quantize import check_method, quantize_mllm
 from easyref.quiet import quiet_libraries, verbose_logging
+from easyref.release import OFFICIAL_NAME
 from easyref.weights import (
     ADAPTER_WEIGHTS,
     MLLM_WEIGHTS,
@@ -67,6 +70,12 @@ class EasyRefOutput:
 
 def _model_parts(model: str | Path | None, base, mllm, adapter) -> dict[str, str | Path]:
     given = {"base": base, "mllm": mllm, "adapter": adapter}
+    if model is not None and str(model) == OFFICIAL_NAME and not Path(model).exists():
+        from easyref.release import RELEASE_BASE, RELEASE_MLLM, official_parts
+
+        # the release's adapter is fetched and converted only when no adapter is given
+        official = official_parts(base, mllm) if adapter is None else {"base": RELEASE_BASE, "mllm": RELEASE_MLLM}
+        return {part: given[part] if given[part] is not None else official[part] for part in PARTS}
     parts = {}
     for part in PARTS:
         if given[part] is not None:
@@ -162,6 +171,7 @@ class EasyRefPipeline:
         self.encoder = encoder
         self.config = config
         self.sources: dict[str, str] = {}
+        self.loras: dict[str, dict[str, Any]] = {}
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
 
     # -- construction and persistence --------------------------------------------------------
@@ -169,7 +179,7 @@ class EasyRefPipeline:
     def load_base(base: str | Path, torch_dtype: torch.dtype | None = None):
         from diffusers import StableDiffusionXLPipeline
 
-        folder = resolve(base, "base model")
+        folder = resolve(base, "base model", "pipeline")
         if not (folder / "model_index.json").is_file():
             raise ModelFormatError(f"base model {base} is not a diffusers pipeline folder (no model_index.json)")
         index = read_json(folder / "model_index.json", ModelFormatError, f"{folder}/model_index.json")
@@ -187,7 +197,7 @@ class EasyRefPipeline:
     def load_mllm(mllm: str | Path, torch_dtype: torch.dtype | None = None):
         from transformers import AutoModelForImageTextToText
 
-        folder = resolve(mllm, "MLLM")
+        folder = resolve(mllm, "MLLM", "model")
         if not (folder / "config.json").is_file():
             raise ModelFormatError(f"MLLM {mllm} is not a transformers model folder (no config.json)")
         if not _has_weights(folder):
@@ -216,7 +226,7 @@ class EasyRefPipeline:
                         mllm: str | Path | None = None, adapter: str | Path | None = None,
                         device: str | None = None, torch_dtype: str | torch.dtype | None = None,
                         mllm_dtype: str | torch.dtype | None = None, load_mllm: bool = True, load_base: bool = True,
-                        vision_batching: VisionBatching = "auto") -> EasyRefPipeline:
+                        vision_batching: VisionBatching = "auto", mllm_quantize: str | None = None) -> EasyRefPipeline:
         """Load from a model folder (``base/``, ``mllm/``, ``adapter/``) and/or one source per part.
 
         Each part is a local folder or a hub id. ``torch_dtype`` is SDXL's precision (auto: float16 on
@@ -224,7 +234,10 @@ class EasyRefPipeline:
         :func:`easyref.devices.pick_mllm_dtype`); the reference tokens are cast to the UNet's dtype.
         ``load_mllm=False`` skips the MLLM: the pipeline then generates only from precomputed embeds.
         ``load_base=False`` skips SDXL: the pipeline then only encodes references.
+        ``mllm_quantize="int8"`` gives the MLLM 8-bit weights (:mod:`easyref.quantize`; needs torchao).
         """
+        if mllm_quantize is not None:
+            check_method(mllm_quantize)
         parts = _model_parts(model, base, mllm, adapter)
         needed = ("adapter",) + (("base",) if load_base else ()) + (("mllm",) if load_mllm else ())
         for part in needed:
@@ -245,7 +258,10 @@ class EasyRefPipeline:
         pipe = cls(sd, encoder, config)
         pipe.load_adapter(adapter_folder)
         pipe.sources = {part: str(parts[part]) for part in parts}
-        return pipe.to(target)
+        pipe.to(target)
+        if mllm_quantize is not None and encoder is not None:
+            quantize_mllm(encoder, mllm_quantize)
+        return pipe
 
     def load_adapter(self, folder: str | Path) -> None:
         """Load EasyRef weights (and finetuned MLLM weights, when present) from an adapter folder."""
@@ -263,6 +279,44 @@ class EasyRefPipeline:
             load_mllm_state(self.encoder, mllm_state, str(folder / MLLM_WEIGHTS))
         self.clear_cache()
 
+    def load_lora(self, source: str | Path, weight: float = 1.0, name: str | None = None) -> str:
+        """Add an SDXL LoRA (a ``.safetensors`` file, or a folder / hub id with one) at ``weight``; returns its name.
+
+        It loads through diffusers' ``load_lora_weights`` (kohya and diffusers formats) as a peft adapter
+        next to EasyRef's own UNet LoRA, which stays active at weight 1 (``set_adapters``).
+        """
+        self._require_base()
+        _check_lora_weight(weight)
+        name = name or f"lora_{len(self.loras)}"
+        if name in self.loras or name == unet_adapter.LORA_ADAPTER_NAME:
+            raise InvalidArgumentError(f"a LoRA named {name!r} is already loaded")
+        path = Path(source)
+        location = {"pretrained_model_name_or_path_or_dict": str(path.parent), "weight_name": path.name} \
+            if path.is_file() else {"pretrained_model_name_or_path_or_dict": str(source)}
+        try:
+            with quiet_libraries(verbose_logging()):
+                self.base.load_lora_weights(**location, adapter_name=name)
+        except (ValueError, KeyError, OSError, RuntimeError) as exc:
+            raise ModelFormatError(f"LoRA {source} does not load into this base model: {first_line(exc)}") from None
+        self.loras[name] = {"source": str(source), "weight": float(weight)}
+        self._activate_loras()
+        return name
+
+    def set_lora_weight(self, name: str, weight: float) -> None:
+        """Change a loaded LoRA's weight (0 switches it off without unloading it)."""
+        if name not in self.loras:
+            raise InvalidArgumentError(f"no LoRA named {name!r} is loaded (loaded: {', '.join(self.loras) or 'none'})")
+        _check_lora_weight(weight)
+        self.loras[name]["weight"] = float(weight)
+        self._activate_loras()
+
+    def _activate_loras(self) -> None:
+        names = list(self.loras)
+        weights = [entry["weight"] for entry in self.loras.values()]
+        if unet_adapter.LORA_ADAPTER_NAME in getattr(self.base.unet, "peft_config", {}):
+            names, weights = [unet_adapter.LORA_ADAPTER_NAME, *names], [1.0, *weights]
+        self.base.set_adapters(names, weights)
+
     def save_pretrained(self, folder: str | Path, include_mllm_weights: bool = False) -> Path:
         """Write ``base/``, ``mllm/`` and ``adapter/``; each part loads on its own.
 
@@ -271,6 +325,9 @@ class EasyRefPipeline:
         """
         if self.encoder is None or self.base is None:
             raise ModelFormatError("a pipeline loaded without a part (MLLM or base) cannot be saved as a full model")
+        if self.encoder.quantization is not None:
+            raise ModelFormatError(f"a pipeline whose MLLM is quantized ({self.encoder.quantization}) cannot be saved: "
+                                   "its full-precision weights are gone; load it without mllm_quantize to save")
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         save_adapter(folder / "adapter", self.config, self.encoder, self.base.unet)
@@ -447,6 +504,7 @@ class EasyRefPipeline:
             "device": str(self.device),
             "dtype": str(self.base.unet.dtype).removeprefix("torch."),
             "mllm_dtype": str(self.encoder.dtype).removeprefix("torch.") if self.encoder is not None else None,
+            "mllm_quantization": self.encoder.quantization if self.encoder is not None else None,
             "versions": package_versions(),
         }
 
@@ -457,7 +515,8 @@ class EasyRefPipeline:
                  guidance_scale: float = 5.0, scale: float = 1.0, height: int | None = None,
                  width: int | None = None, num_images: int = 1, pipeline: Any = None,
                  progress: bool = True, ref_start: float = 0.0, ref_end: float = 1.0,
-                 ref_layers: str | dict[str, Any] | None = None, **pipeline_kwargs: Any) -> EasyRefOutput:
+                 ref_layers: str | dict[str, Any] | None = None, ref_mask: ReferenceInput | None = None,
+                 groups: Sequence[ReferenceGroup] | None = None, **pipeline_kwargs: Any) -> EasyRefOutput:
         """Generate ``num_images`` images following the references and the prompt.
 
         ``scale`` weighs the reference tokens (0 switches them off: exactly the base model's image
@@ -472,45 +531,102 @@ class EasyRefPipeline:
         (e.g. ``ref_end=0.5``: the layout follows them, the details only the prompt). ``ref_layers``
         restricts them to some layers: ``"style"``, ``"composition"``, ``"style+composition"``
         (InstantStyle's blocks of SDXL's UNet) or diffusers' per-block dictionary, each value
-        multiplied by ``scale``.
+        multiplied by ``scale``. ``ref_mask`` (an image, white where they act) restricts them to a region.
+
+        ``groups`` replaces ``references`` / ``embeds`` and those five controls with several
+        :class:`ReferenceGroup` s at once, each with its own; ``negative_references`` /
+        ``negative_embeds`` then stand in for the first group's unconditional branch.
         """
         check_generation_args(height=height, width=width, scale=scale, guidance_scale=guidance_scale,
                               num_inference_steps=num_inference_steps, num_images=num_images, seed=seed)
         check_prompt(prompt)
         if negative_prompt is not None:
             check_prompt(negative_prompt, "negative_prompt")
-        steps = controls.active_steps(num_inference_steps, ref_start, ref_end)
-        ref_layers = None if ref_layers == "all" else ref_layers  # the preset of every layer is the plain case
+        groups = _groups(references, embeds, scale, ref_start, ref_end, ref_layers, ref_mask, groups)
+        windows = [controls.active_steps(num_inference_steps, group.start, group.end) for group in groups]
         self._require_base()
         target = pipeline if pipeline is not None else self.base
         if target.unet is not self.base.unet:
             raise InvalidArgumentError("pipeline must share this EasyRef UNet: build it with pipe.derive(...)")
+        default_side = self.base.default_sample_size * self.base.vae_scale_factor
+        height, width = height or default_side, width or default_side
+        masks = [None if group.mask is None else controls.load_mask(group.mask, height, width) for group in groups]
+        mask_hashes = [None if mask is None else mask[1] for mask in masks]
+        masks = [None if mask is None else mask[0] for mask in masks]
         guidance = guidance_scale > 1
         if negative_prompt is None:
             negative_prompt = self.config.negative_prompt
-        ip_embeds = self.ip_adapter_embeds(references, prompt, embeds=embeds, negative_embeds=negative_embeds,
-                                           negative_references=negative_references,
-                                           negative_prompt=negative_prompt, guidance=guidance)
-        controls.apply_layer_scales(self.base, float(scale), ref_layers)
+        ip_embeds = []
+        for index, group in enumerate(groups):
+            first = index == 0
+            ip_embeds += self.ip_adapter_embeds(
+                group.references, prompt if group.prompt is None else group.prompt, embeds=group.embeds,
+                negative_embeds=negative_embeds if first else None,
+                negative_references=negative_references if first else None,
+                negative_prompt=negative_prompt, guidance=guidance)
+        if any(mask is not None for mask in masks):
+            pipeline_kwargs["cross_attention_kwargs"] = {**(pipeline_kwargs.get("cross_attention_kwargs") or {}),
+                                                         "ip_adapter_masks": masks}
         generator = torch.Generator("cpu").manual_seed(seed)
         target.set_progress_bar_config(disable=not progress)
         callback = _refuse_non_finite_latents(pipeline_kwargs.get("callback_on_step_end"))
-        if len(steps) < num_inference_steps:
-            callback = controls.step_window(self.base.unet, steps, callback)
-        pipeline_kwargs["callback_on_step_end"] = callback
-        result = target(prompt=prompt, negative_prompt=negative_prompt or None, ip_adapter_image_embeds=ip_embeds,
-                        generator=generator, num_inference_steps=num_inference_steps,
-                        guidance_scale=guidance_scale, height=height, width=width,
-                        num_images_per_prompt=num_images, **pipeline_kwargs)
-        default_side = self.base.default_sample_size * self.base.vae_scale_factor
+        with unet_adapter.group_slots(self.base.unet, len(groups)):
+            controls.apply_layer_scales(self.base, [float(group.scale) for group in groups],
+                                        [group.layers for group in groups])
+            if any(len(window) < num_inference_steps for window in windows):
+                callback = controls.step_window(self.base.unet, windows, callback)
+            pipeline_kwargs["callback_on_step_end"] = callback
+            result = target(prompt=prompt, negative_prompt=negative_prompt or None,
+                            ip_adapter_image_embeds=ip_embeds, generator=generator,
+                            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                            height=height, width=width, num_images_per_prompt=num_images, **pipeline_kwargs)
+        first = groups[0]
         settings = {
             "prompt": prompt, "negative_prompt": negative_prompt, "seed": seed,
-            "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "scale": scale,
-            "height": height or default_side, "width": width or default_side, "num_images": num_images,
-            "ref_start": ref_start, "ref_end": ref_end, "ref_layers": ref_layers,
+            "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "scale": first.scale,
+            "height": height, "width": width, "num_images": num_images,
+            "ref_start": first.start, "ref_end": first.end, "ref_layers": _layers_record(first.layers),
+            "ref_mask": mask_hashes[0],
             "pipeline": type(target).__name__, "adapter_config": self.config.to_dict(), "sources": self.sources,
+            "loras": {name: dict(entry) for name, entry in self.loras.items()},
         }
+        if len(groups) > 1:
+            settings["groups"] = [{"prompt": group.prompt, "scale": group.scale, "ref_start": group.start,
+                                   "ref_end": group.end, "ref_layers": _layers_record(group.layers),
+                                   "ref_mask": mask_hash} for group, mask_hash in zip(groups, mask_hashes, strict=True)]
         return EasyRefOutput(images=list(result.images), settings=settings)
+
+
+def _check_lora_weight(weight: object) -> None:
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+        raise InvalidArgumentError(f"a LoRA weight must be a finite number, got {weight!r}")
+
+
+def _groups(references, embeds, scale: float, start: float, end: float, layers, mask,
+            groups: Sequence[ReferenceGroup] | None) -> list[ReferenceGroup]:
+    """The call's groups: the one made of the single-group arguments, or ``groups`` (then those must be unset)."""
+    if groups is None:
+        return [ReferenceGroup(references=references, embeds=embeds, scale=scale, mask=mask, start=start, end=end,
+                               layers=layers)]
+    if references is not None or embeds is not None:
+        raise InvalidArgumentError("give references / embeds or groups, not both")
+    if (scale, start, end, layers, mask) != (1.0, 0.0, 1.0, None, None):
+        raise InvalidArgumentError("with groups, set scale, mask, start, end and layers on each ReferenceGroup")
+    groups = list(groups)
+    if not groups or not all(isinstance(group, ReferenceGroup) for group in groups):
+        raise InvalidArgumentError("groups must be a non-empty list of ReferenceGroup")
+    for group in groups:
+        if isinstance(group.scale, bool) or not isinstance(group.scale, (int, float)) or not (
+                math.isfinite(group.scale) and group.scale >= 0):
+            raise InvalidArgumentError(f"a group's scale must be a finite number >= 0, got {group.scale!r}")
+        if group.prompt is not None:
+            check_prompt(group.prompt, "a group's prompt")
+    return groups
+
+
+def _layers_record(layers: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+    """The layers as the sidecar keeps them: the preset of every layer is the plain case, recorded as none."""
+    return None if layers == "all" else layers
 
 
 def _refuse_non_finite_latents(user_callback: Callable | None) -> Callable:

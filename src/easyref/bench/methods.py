@@ -141,8 +141,9 @@ class EasyRefMethod(Method):
         if not any((args.model, args.base, args.mllm, args.adapter)):
             raise InvalidArgumentError("the easyref method needs --model DIR (or --base, --mllm and --adapter)")
         pipe = EasyRefPipeline.from_pretrained(args.model, base=args.base, mllm=args.mllm, adapter=args.adapter,
-                                               device=_device(args, device),
-                                               torch_dtype=args.dtype)
+                                               device=_device(args, device), torch_dtype=args.dtype,
+                                               mllm_dtype=getattr(args, "mllm_dtype", None),
+                                               mllm_quantize=getattr(args, "mllm_quantize", None))
         return cls(pipe, Sampling.from_args(args), scale=args.scale, aggregation=args.aggregation)
 
     def settings(self) -> dict[str, Any]:
@@ -150,7 +151,8 @@ class EasyRefMethod(Method):
         # that differ, and Table 5's runs differ only there.
         config = self.pipe.config.to_dict()
         return {**self.sampling.settings(), "scale": self.scale, "aggregation": config.pop("aggregation"),
-                "adapter_config": config, "sources": self.pipe.sources, "dtype": _dtype_name(self.pipe.base)}
+                "adapter_config": config, "sources": self.pipe.sources, "dtype": _dtype_name(self.pipe.base),
+                "mllm_quantization": self.pipe.encoder.quantization}
 
     def generate(self, group: Group, seed: int, num_images: int) -> list[Image.Image]:
         result = self.pipe(list(group.references), group.caption, seed=seed, num_inference_steps=self.sampling.steps,

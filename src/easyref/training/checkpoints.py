@@ -21,7 +21,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from easyref.errors import OutputPathError
+from easyref.errors import OutputPathError, first_line
 from easyref.files import LOCK_FILE, read_json, remove_folder, remove_stale_temporaries, replace_folder, write_json
 from easyref.training.errors import RunMismatchError
 
@@ -61,7 +61,7 @@ def resolve_resume(output: Path, resume: str | None) -> Path | None:
 
 def broken(checkpoint: Path, exc: BaseException) -> str:
     """What to tell a user whose checkpoint cannot be loaded: which one, why, and where to resume instead."""
-    reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+    reason = first_line(exc)
     earlier = [path for step, path in list_checkpoints(checkpoint.parent) if step < _step(checkpoint)]
     advice = (f"resume from the one before it with --resume {earlier[-1]}" if earlier
               else "there is no earlier checkpoint: start again with a new --output")
