@@ -3,6 +3,7 @@ loads, and EasyRef wraps that folder without changing what it generates when the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -24,7 +25,7 @@ SEED = 5
 STEPS = 30
 # The real structure at a few percent of the width, so a run takes seconds.
 SMALL = base.BaseSettings(vae_channels=(8, 8, 16), vae_batch=4, unet_channels=(16, 32), unet_heads=(1, 2),
-                          unet_batch=8, vae_eval_images=32)
+                          unet_batch=8, vae_eval_images=32, train_text_encoders=True)
 PROMPT = "a large red striped star at the top left on a grey grid background"
 
 
@@ -84,16 +85,33 @@ def test_folder_loads_as_sdxl_and_makes_a_64px_image(pretrained):
     assert quality["parameters"]["unet"] == sum(p.numel() for p in pipe.unet.parameters())
 
 
-def test_text_encoders_are_the_clip_text_tower(pretrained):
-    folder, _ = pretrained
-    pipe = StableDiffusionXLPipeline.from_pretrained(folder / "base")
-    world_clip = CLIPModel.from_pretrained(folder / "clip")
-    ids = pipe.tokenizer([PROMPT], padding="max_length", return_tensors="pt").input_ids
+def _text_outputs(text: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = text["tokenizer"]([PROMPT], padding="max_length", return_tensors="pt").input_ids
     with torch.no_grad():
-        expected = world_clip.get_text_features(input_ids=ids)
-        hidden = world_clip.text_model(ids, output_hidden_states=True).hidden_states[-2]
-        torch.testing.assert_close(pipe.text_encoder_2(ids).text_embeds, expected.pooler_output)
-        torch.testing.assert_close(pipe.text_encoder(ids, output_hidden_states=True).hidden_states[-2], hidden)
+        return (text["text_encoder_2"](ids).text_embeds,
+                text["text_encoder"](ids, output_hidden_states=True).hidden_states[-2])
+
+
+def test_text_encoders_start_as_the_clip_text_tower_and_train_with_the_unet(pretrained, tmp_path):
+    folder, _ = pretrained
+    world_clip = CLIPModel.from_pretrained(folder / "clip")
+    start = base.load_text_encoders(folder / "clip")
+    ids = start["tokenizer"]([PROMPT], padding="max_length", return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = (world_clip.get_text_features(input_ids=ids).pooler_output,
+                    world_clip.text_model(ids, output_hidden_states=True).hidden_states[-2])
+    for got, want in zip(_text_outputs(start), expected, strict=True):
+        torch.testing.assert_close(got, want)
+    trained = StableDiffusionXLPipeline.from_pretrained(folder / "base")
+    assert all(not torch.allclose(got, want) for got, want in zip(_text_outputs(trained.components), expected,
+                                                                  strict=True))
+    frozen = dataclasses.replace(SMALL, train_text_encoders=False)  # the default
+    with fast_cpu_maths():
+        base.pretrain_base(tmp_path / "base", clip=folder / "clip", steps=3, seed=SEED, progress=False,
+                           settings=frozen)
+    kept = StableDiffusionXLPipeline.from_pretrained(tmp_path / "base")
+    for got, want in zip(_text_outputs(kept.components), expected, strict=True):
+        torch.testing.assert_close(got, want)
 
 
 def test_a_rerun_reuses_the_finished_vae_and_refuses_other_settings(pretrained):
