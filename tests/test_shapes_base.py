@@ -25,7 +25,7 @@ SEED = 5
 STEPS = 30
 # The real structure at a few percent of the width, so a run takes seconds.
 SMALL = base.BaseSettings(vae_channels=(8, 8, 16), vae_batch=4, unet_channels=(16, 32), unet_heads=(1, 2),
-                          unet_batch=8, vae_eval_images=32, train_text_encoders=True)
+                          unet_batch=8, vae_eval_images=32, joint_steps=1)
 PROMPT = "a large red striped star at the top left on a grey grid background"
 
 
@@ -59,7 +59,7 @@ def _denoising_loss(pipe: StableDiffusionXLPipeline) -> float:
 
 def test_short_training_improves_reconstruction_and_denoising(pretrained):
     folder, summary = pretrained
-    assert all((folder / "work" / f"base-{stage}" / "log.jsonl").is_file() for stage in ("vae", "unet"))
+    assert all((folder / "work" / f"base-{stage}" / "log.jsonl").is_file() for stage in ("vae", "unet", "joint"))
     pipe = StableDiffusionXLPipeline.from_pretrained(folder / "base")
     torch.manual_seed(SEED)
     untrained_vae = base.build_vae(SMALL)
@@ -92,7 +92,7 @@ def _text_outputs(text: dict) -> tuple[torch.Tensor, torch.Tensor]:
                 text["text_encoder"](ids, output_hidden_states=True).hidden_states[-2])
 
 
-def test_text_encoders_start_as_the_clip_text_tower_and_train_with_the_unet(pretrained, tmp_path):
+def test_text_encoders_start_as_the_clip_text_tower_and_train_in_the_joint_phase(pretrained, tmp_path):
     folder, _ = pretrained
     world_clip = CLIPModel.from_pretrained(folder / "clip")
     start = base.load_text_encoders(folder / "clip")
@@ -105,7 +105,7 @@ def test_text_encoders_start_as_the_clip_text_tower_and_train_with_the_unet(pret
     trained = StableDiffusionXLPipeline.from_pretrained(folder / "base")
     assert all(not torch.allclose(got, want) for got, want in zip(_text_outputs(trained.components), expected,
                                                                   strict=True))
-    frozen = dataclasses.replace(SMALL, train_text_encoders=False)  # the default
+    frozen = dataclasses.replace(SMALL, joint_steps=0)  # the default: no second phase
     with fast_cpu_maths():
         base.pretrain_base(tmp_path / "base", clip=folder / "clip", steps=3, seed=SEED, progress=False,
                            settings=frozen)

@@ -90,15 +90,19 @@ class BaseSettings:
     snr_gamma: float | None = 5.0
     # SDXL froze its pretrained text encoders, and so does the recipe behind the shipped model. The world CLIP's
     # text tower barely separates shape words, though (its vision side reads shapes poorly, so contrastive
-    # training never needed them), and a UNet under a frozen copy draws a confident but wrong shape. Trained
-    # with the UNet they learn to: from the same checkpoint, 1500 further steps lift held-in shape accuracy
-    # 0.19 -> 0.43 trained vs 0.29 frozen (docs/SHAPESWORLD.md). True is the candidate for the next full run.
-    train_text_encoders: bool = False
+    # training never needed them), and a UNet under a frozen copy draws a confident but wrong shape. A second
+    # phase trains both text encoders with the UNet: from a finished frozen-phase UNet, 1500 such steps lift
+    # held-in shape accuracy 0.19 -> 0.43 and keep position (docs/SHAPESWORLD.md); trained from the first step
+    # instead, they lose position. 0 (no second phase) is the shipped model's recipe.
+    joint_steps: int = 0
+    joint_learning_rate: float = 3e-4
+    joint_warmup_steps: int = 50
 
     def with_steps(self, steps: int) -> BaseSettings:
-        """Both stages shortened (or lengthened) to ``steps`` steps: what tests and smoke runs use."""
+        """Every stage shortened (or lengthened) to ``steps`` steps: what tests and smoke runs use."""
         return dataclasses.replace(self, vae_steps=steps, unet_steps=steps,
-                                   unet_warmup_steps=min(self.unet_warmup_steps, steps // 10))
+                                   unet_warmup_steps=min(self.unet_warmup_steps, steps // 10),
+                                   joint_steps=steps if self.joint_steps else 0)
 
 
 # -- components -----------------------------------------------------------------------------------
@@ -306,8 +310,8 @@ def snr_weights(alphas_cumprod: torch.Tensor, gamma: float | None) -> torch.Tens
     return snr.clamp(max=gamma) / snr
 
 
-def unet_step_loss(pipe: StableDiffusionXLPipeline, settings: BaseSettings,
-                   seed: int) -> Callable[[int], torch.Tensor]:
+def unet_step_loss(pipe: StableDiffusionXLPipeline, settings: BaseSettings, seed: int,
+                   train_text: bool = False) -> Callable[[int], torch.Tensor]:
     """SDXL's objective: predict the noise added at a uniform timestep of the training betas.
 
     Prompts go through the pipeline's own ``encode_prompt``, so training and generation read
@@ -326,7 +330,7 @@ def unet_step_loss(pipe: StableDiffusionXLPipeline, settings: BaseSettings,
         captions = ["" if rng.random() < settings.caption_dropout else a.caption() for a in attributes]
         with torch.no_grad():
             latents = pipe.vae.encode(images).latent_dist.sample(generator) * pipe.vae.config.scaling_factor
-        with torch.set_grad_enabled(settings.train_text_encoders and torch.is_grad_enabled()):
+        with torch.set_grad_enabled(train_text and torch.is_grad_enabled()):
             context, _, pooled, _ = pipe.encode_prompt(captions, device=latents.device, num_images_per_prompt=1,
                                                        do_classifier_free_guidance=False)
         noise = torch.randn(latents.shape, generator=generator)
@@ -342,15 +346,24 @@ def unet_step_loss(pipe: StableDiffusionXLPipeline, settings: BaseSettings,
 
 def train_unet(pipe: StableDiffusionXLPipeline, settings: BaseSettings, work_dir: Path, seed: int,
                progress: bool) -> dict:
-    """Train the UNet (and, with ``settings.train_text_encoders``, both text encoders with it)."""
+    """Train the UNet under the frozen text encoders, then (``settings.joint_steps``) the UNet and both text
+    encoders together, in ``work_dir`` and its sibling ``base-joint/``."""
     loop = LoopSettings(steps=settings.unet_steps, learning_rate=settings.unet_learning_rate, seed=seed,
                         warmup_steps=settings.unet_warmup_steps)
-    trained = nn.ModuleDict({"unet": pipe.unet})
-    if settings.train_text_encoders:
-        trained.update({"text_encoder": pipe.text_encoder.requires_grad_(True),
-                        "text_encoder_2": pipe.text_encoder_2.requires_grad_(True)})
-    summary = train("base-unet", trained, unet_step_loss(pipe, settings, seed), loop, work_dir, progress)
-    trained.requires_grad_(False).eval()
+    summary = train("base-unet", pipe.unet, unet_step_loss(pipe, settings, seed), loop, work_dir, progress)
+    if settings.joint_steps:
+        text = {"text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2}
+        trained = nn.ModuleDict({"unet": pipe.unet, **text}).requires_grad_(True)
+        joint = LoopSettings(steps=settings.joint_steps, learning_rate=settings.joint_learning_rate, seed=seed + 1,
+                             warmup_steps=min(settings.joint_warmup_steps, settings.joint_steps // 10))
+        # seed + 1: renders the first phase never drew
+        summary["joint"] = train("base-joint", trained, unet_step_loss(pipe, settings, seed + 1, train_text=True),
+                                 joint, work_dir.parent / "base-joint", progress)
+        for encoder in text.values():
+            encoder.requires_grad_(False)
+    pipe.unet.eval()
+    for encoder in (pipe.text_encoder, pipe.text_encoder_2):
+        encoder.eval()
     return summary
 
 
