@@ -238,7 +238,7 @@ def test_the_command_line_adds_groups_and_masks(tiny_model, tmp_path, capsys):
     for extra, message in [(["--group", "scale=1"], "needs at least one ref="),
                            (["--group", "ref=a.png", "size=3"], "KEY one of ref, prompt"),
                            (["--group", f"ref={tmp_path / 'a.png'}", "scale=big"], "scale= must be a number"),
-                           (["--group", f"ref={tmp_path / 'a.png'}", "scale=-1"], "finite number >= 0"),
+                           (["--group", f"ref={tmp_path / 'a.png'}", "scale=-1"], "finite number between 0"),
                            (["--ref-mask", str(tmp_path / "black.png")], "black everywhere")]:
         assert main([*base, "--output", str(tmp_path / "bad.png"), *extra]) == 2  # usage errors
         err = capsys.readouterr().err

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from easyref.cli_options import SAMPLING_FLAGS, add_device_options, add_model_options, add_verbose
-from easyref.errors import EasyRefError, ModelFormatError, OutputPathError
+from easyref.errors import EasyRefError, InvalidArgumentError, ModelFormatError, OutputPathError
 from easyref.files import atomic_folder, atomic_path, check_output_path, sha256_file
 from easyref.quiet import quiet_libraries
 
@@ -302,7 +302,7 @@ def _check_mask(path: str, option: str) -> None:
 def _group_option(spec: Sequence[str], steps: int) -> tuple[Any, dict[str, Any]]:
     """One ``--group KEY=VALUE ...`` as a :class:`ReferenceGroup` (its images loaded and checked) and its record."""
     from easyref.controls import ReferenceGroup, active_steps, parse_layers
-    from easyref.pipeline import check_prompt
+    from easyref.pipeline import check_prompt, check_scale
 
     values: dict[str, list[str]] = {}
     for item in spec:
@@ -321,8 +321,10 @@ def _group_option(spec: Sequence[str], steps: int) -> tuple[Any, dict[str, Any]]
             numbers[key] = float(one.get(key, default))
         except ValueError:
             raise UsageError(f"--group: {key}= must be a number, got {one[key]!r}") from None
-    if not (numbers["scale"] >= 0 and numbers["scale"] < float("inf")):
-        raise UsageError(f"--group: scale= must be a finite number >= 0, got {one['scale']!r}")
+    try:
+        check_scale(numbers["scale"], "--group scale=")
+    except InvalidArgumentError as exc:
+        raise UsageError(str(exc)) from None
     active_steps(steps, numbers["start"], numbers["end"])
     if "prompt" in one:
         check_prompt(one["prompt"], "--group prompt=")

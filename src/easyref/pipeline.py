@@ -120,6 +120,13 @@ def check_prompt(prompt: object, name: str = "prompt") -> None:
                                    "read (SDXL's text encoders stop at 77 tokens, about 300 characters)")
 
 
+def check_scale(scale: object, name: str = "scale") -> None:
+    """A reference scale: a finite number from 0 (references off) to MAX_SCALE."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or not (
+            0 <= scale <= MAX_SCALE):
+        raise InvalidArgumentError(f"{name} must be a finite number between 0 and {MAX_SCALE}, got {scale}")
+
+
 def check_generation_args(*, height: int | None, width: int | None, scale: float, guidance_scale: float,
                           num_inference_steps: int, num_images: int, seed: int,
                           names: Mapping[str, str] | None = None) -> None:
@@ -136,9 +143,10 @@ def check_generation_args(*, height: int | None, width: int | None, scale: float
     for name, value in (("height", height), ("width", width)):
         if value is not None and (not isinstance(value, int) or value % 8 or not 64 <= value <= MAX_SIDE):
             fail(name, f"a multiple of 8 between 64 and {MAX_SIDE}", value)
-    for name, value, top in (("scale", scale, MAX_SCALE), ("guidance_scale", guidance_scale, MAX_GUIDANCE)):
-        if not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 <= value <= top:
-            fail(name, f"a finite number between 0 and {top}", value)
+    check_scale(scale, names.get("scale", "scale"))
+    if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or not (
+            0 <= guidance_scale <= MAX_GUIDANCE):
+        fail("guidance_scale", f"a finite number between 0 and {MAX_GUIDANCE}", guidance_scale)
     if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= 1000:
         fail("num_inference_steps", "between 1 and 1000", num_inference_steps)
     if not isinstance(num_images, int) or not 1 <= num_images <= MAX_IMAGES_PER_CALL:
@@ -616,9 +624,7 @@ def _groups(references, embeds, scale: float, start: float, end: float, layers, 
     if not groups or not all(isinstance(group, ReferenceGroup) for group in groups):
         raise InvalidArgumentError("groups must be a non-empty list of ReferenceGroup")
     for group in groups:
-        if isinstance(group.scale, bool) or not isinstance(group.scale, (int, float)) or not (
-                math.isfinite(group.scale) and group.scale >= 0):
-            raise InvalidArgumentError(f"a group's scale must be a finite number >= 0, got {group.scale!r}")
+        check_scale(group.scale, "a group's scale")
         if group.prompt is not None:
             check_prompt(group.prompt, "a group's prompt")
     return groups
