@@ -58,9 +58,16 @@ def counted_pipe(tiny_pipe):
 
 
 def _until(condition, what: str, timeout: float = WAIT, driver=None):
+    """Poll ``condition`` until it is truthy. An element Gradio re-rendered between finding it and reading it
+    (stale) only means the page is still changing: poll again."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        value = condition()
+        try:
+            value = condition()
+        except StaleElementReferenceException:
+            value = None
         if value:
             return value
         time.sleep(0.2)
