@@ -92,7 +92,7 @@ def memory(counts: dict) -> dict:
     mllm_side = parts["Qwen2-VL-2B"] + parts["EasyRef head (final-layer copy, tokens, projection)"]
     inference = {
         "GPU, default (SDXL fp16 + MLLM bf16, all resident)": 2 * total / GB,
-        "GPU, one part resident at a time (model offload, planned: UNet + adapter + LoRA)":
+        "GPU, --offload model (one part resident at a time: the largest is UNet + adapter + LoRA)":
             2 * max(unet_side, mllm_side) / GB,
         "GPU, from saved embeds (no MLLM loaded)": 2 * (sdxl + easyref - parts[
             "EasyRef head (final-layer copy, tokens, projection)"]) / GB,

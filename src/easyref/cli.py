@@ -274,6 +274,9 @@ def _check_hardware(args: argparse.Namespace) -> None:
     pick_dtype(args.dtype, pick_device(args.device))
     if getattr(args, "mllm_quantize", None) and importlib.util.find_spec("torchao") is None:
         raise UsageError("--mllm-quantize needs torchao: pip install 'easyref[quantize]'")
+    if getattr(args, "offload", None) and pick_device(args.device).type == "cpu":
+        raise UsageError(f"--offload {args.offload} lends a GPU one part at a time, but this runs on the CPU "
+                         "(--device); it is for a GPU with too little memory for every part at once")
 
 
 def _load_group(sources: Sequence[str]) -> tuple[list, list[dict[str, str]]]:
@@ -391,7 +394,8 @@ def _load_pipeline(args: argparse.Namespace, load_mllm: bool = True, load_base: 
     return EasyRefPipeline.from_pretrained(args.model, **_model_kwargs(args), device=args.device,
                                            torch_dtype=args.dtype, mllm_dtype=getattr(args, "mllm_dtype", None),
                                            load_mllm=load_mllm, load_base=load_base,
-                                           mllm_quantize=getattr(args, "mllm_quantize", None))
+                                           mllm_quantize=getattr(args, "mllm_quantize", None),
+                                           offload=getattr(args, "offload", None))
 
 
 def read_embeds(path: str | Path) -> tuple[Any, Any, dict[str, str]]:

@@ -56,6 +56,11 @@ def add_device_options(parser: argparse.ArgumentParser) -> None:
                        help="8-bit MLLM weights (torchao, CPU and GPU; pip install 'easyref[quantize]'): about half "
                             "the MLLM's weight memory in bfloat16, a third in float32; docs/BENCHMARKS.md gives the "
                             "drift it costs (default: off)")
+    group.add_argument("--offload", choices=("model", "sequential"), metavar="MODE",
+                       help="for a GPU too small for every part at once: keep the weights in CPU RAM and lend the GPU "
+                            "'model': one whole model at a time (the MLLM while it encodes, then SDXL's parts; peak = "
+                            "the largest part), or 'sequential': one layer at a time (least memory, much slower); "
+                            "the README's hardware table gives the memory (default: off, every part on the GPU)")
 
 
 # The sampling flags of 'generate' and 'bench run', by the Python names the pipeline checks them under.

@@ -47,3 +47,20 @@ def pick_mllm_dtype(name: str | torch.dtype | None, device: torch.device, base_d
     if device.type == "cuda" and base_dtype != torch.float32 and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
+
+
+OFFLOAD_MODES = ("model", "sequential")
+
+
+def check_offload(mode: str) -> None:
+    """One of :data:`OFFLOAD_MODES`, checked before any model loads."""
+    if mode not in OFFLOAD_MODES:
+        raise InvalidArgumentError(f"offload must be one of {', '.join(OFFLOAD_MODES)}, got {mode!r}")
+
+
+def empty_device_cache(device: torch.device) -> None:
+    """Give memory the caching allocator holds back to the device (after a model left it)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif device.type == "mps":
+        torch.mps.empty_cache()

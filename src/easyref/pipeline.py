@@ -9,6 +9,7 @@ pipeline that shares every weight and takes the same embeds.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import hashlib
@@ -27,7 +28,7 @@ from easyref import adapter as unet_adapter
 from easyref import controls
 from easyref.config import AGGREGATIONS, EasyRefConfig
 from easyref.controls import ReferenceGroup
-from easyref.devices import pick_device, pick_dtype, pick_mllm_dtype
+from easyref.devices import check_offload, empty_device_cache, pick_device, pick_dtype, pick_mllm_dtype
 from easyref.encoder import ReferenceEncoder, VisionBatching
 from easyref.errors import InvalidArgumentError, ModelFormatError, NonFiniteError, ShapeMismatchError, first_line
 from easyref.files import package_versions, read_json
@@ -180,6 +181,8 @@ class EasyRefPipeline:
         self.config = config
         self.sources: dict[str, str] = {}
         self.loras: dict[str, dict[str, Any]] = {}
+        self.offload: str | None = None  # "model" or "sequential" once enabled
+        self._execution_device: torch.device | None = None
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
 
     # -- construction and persistence --------------------------------------------------------
@@ -234,7 +237,8 @@ class EasyRefPipeline:
                         mllm: str | Path | None = None, adapter: str | Path | None = None,
                         device: str | None = None, torch_dtype: str | torch.dtype | None = None,
                         mllm_dtype: str | torch.dtype | None = None, load_mllm: bool = True, load_base: bool = True,
-                        vision_batching: VisionBatching = "auto", mllm_quantize: str | None = None) -> EasyRefPipeline:
+                        vision_batching: VisionBatching = "auto", mllm_quantize: str | None = None,
+                        offload: str | None = None) -> EasyRefPipeline:
         """Load from a model folder (``base/``, ``mllm/``, ``adapter/``) and/or one source per part.
 
         Each part is a local folder or a hub id. ``torch_dtype`` is SDXL's precision (auto: float16 on
@@ -243,15 +247,22 @@ class EasyRefPipeline:
         ``load_mllm=False`` skips the MLLM: the pipeline then generates only from precomputed embeds.
         ``load_base=False`` skips SDXL: the pipeline then only encodes references.
         ``mllm_quantize="int8"`` gives the MLLM 8-bit weights (:mod:`easyref.quantize`; needs torchao).
+        ``offload="model"`` / ``"sequential"`` keeps the weights in CPU RAM and lends ``device`` (a GPU)
+        one model / one layer at a time (:meth:`enable_model_cpu_offload`, :meth:`enable_sequential_cpu_offload`).
         """
         if mllm_quantize is not None:
             check_method(mllm_quantize)
+        if offload is not None:
+            check_offload(offload)
         parts = _model_parts(model, base, mllm, adapter)
         needed = ("adapter",) + (("base",) if load_base else ()) + (("mllm",) if load_mllm else ())
         for part in needed:
             if part not in parts:
                 raise ModelFormatError(f"no {part} given: pass a model folder or {part}=...")
         target = pick_device(device)
+        if offload is not None and target.type == "cpu":
+            raise InvalidArgumentError(f"offload={offload!r} lends a GPU one part at a time, but the device is the "
+                                       "CPU; offload is for a GPU with too little memory for every part at once")
         dtype = pick_dtype(torch_dtype, target)
         encoder_dtype = pick_mllm_dtype(mllm_dtype, target, dtype)
         adapter_folder = resolve(parts["adapter"], "adapter")
@@ -266,9 +277,12 @@ class EasyRefPipeline:
         pipe = cls(sd, encoder, config)
         pipe.load_adapter(adapter_folder)
         pipe.sources = {part: str(parts[part]) for part in parts}
-        pipe.to(target)
+        if offload is None:
+            pipe.to(target)
         if mllm_quantize is not None and encoder is not None:
             quantize_mllm(encoder, mllm_quantize)
+        if offload is not None:
+            pipe._enable_offload(offload, target)
         return pipe
 
     def load_adapter(self, folder: str | Path) -> None:
@@ -364,6 +378,9 @@ class EasyRefPipeline:
         type(self.base)(**components, **options).save_pretrained(folder)
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> EasyRefPipeline:
+        if self.offload is not None:
+            raise InvalidArgumentError(f"this pipeline offloads its models ({self.offload}) to {self.device}; "
+                                       "load it again without offload to place it with .to()")
         if self.base is not None:
             self.base.to(device, dtype) if dtype is not None else self.base.to(device)
         if self.encoder is not None:
@@ -373,7 +390,58 @@ class EasyRefPipeline:
 
     @property
     def device(self) -> torch.device:
+        """Where the models compute: with offload the GPU they are lent to, not the CPU they wait on."""
+        if self._execution_device is not None:
+            return self._execution_device
         return self.base.unet.device if self.base is not None else self.encoder.device
+
+    # -- offload -----------------------------------------------------------------------------
+    def enable_model_cpu_offload(self, device: str | torch.device | None = None) -> None:
+        """Keep every model in CPU RAM and move each whole onto ``device`` only while it runs: the MLLM
+        while it encodes a group, then SDXL's text encoders, UNet and VAE in turn (diffusers' model
+        offload). GPU memory then peaks at the largest part instead of the sum, for a small cost in
+        time (one transfer per part per call)."""
+        self._enable_offload("model", pick_device(device))
+
+    def enable_sequential_cpu_offload(self, device: str | torch.device | None = None) -> None:
+        """Move each layer onto ``device`` only for its own forward pass (accelerate's ``cpu_offload``,
+        diffusers' sequential offload for SDXL): the least GPU memory, and several times slower.
+        EasyRef's small head (final layers, tokens, projection) stays on ``device``."""
+        self._enable_offload("sequential", pick_device(device))
+
+    def _enable_offload(self, mode: str, device: torch.device) -> None:
+        if self.offload is not None:
+            raise InvalidArgumentError(f"offload is already enabled ({self.offload}); load the pipeline again to "
+                                       "change it")
+        check_offload(mode)
+        if self.base is not None:
+            enable = (self.base.enable_model_cpu_offload if mode == "model"
+                      else self.base.enable_sequential_cpu_offload)
+            enable(device=device)
+        if self.encoder is not None:
+            self.encoder.to("cpu")
+            if mode == "sequential":
+                from accelerate import cpu_offload
+
+                cpu_offload(self.encoder.mllm, execution_device=device)
+                for module in self.encoder.head_modules().values():
+                    module.to(device)
+        self.offload = mode
+        self._execution_device = device
+        self.clear_cache()
+
+    @contextlib.contextmanager
+    def _encoder_lent(self):
+        """With model offload, the MLLM sits on the GPU only inside this block."""
+        if self.offload != "model":
+            yield
+            return
+        self.encoder.to(self._execution_device)
+        try:
+            yield
+        finally:
+            self.encoder.to("cpu")
+            empty_device_cache(self._execution_device)
 
     def _require_base(self) -> None:
         if self.base is None:
@@ -440,7 +508,7 @@ class EasyRefPipeline:
         if self.encoder is None:
             raise ModelFormatError("this pipeline has no MLLM (loaded without it, or dropped by free_encoder()) and "
                                    "this group is not among those it encoded; pass precomputed embeds")
-        with torch.no_grad():
+        with torch.no_grad(), self._encoder_lent():
             embeds = self.encoder.encode([list(images)], [prompt])
         if not bool(torch.isfinite(embeds).all()):
             raise NonFiniteError(f"the reference encoder produced NaN or infinite tokens in {self.encoder.dtype}; "
@@ -510,6 +578,7 @@ class EasyRefPipeline:
             "seed": result.settings["seed"],
             "settings": result.settings,
             "device": str(self.device),
+            "offload": self.offload,
             "dtype": str(self.base.unet.dtype).removeprefix("torch."),
             "mllm_dtype": str(self.encoder.dtype).removeprefix("torch.") if self.encoder is not None else None,
             "mllm_quantization": self.encoder.quantization if self.encoder is not None else None,

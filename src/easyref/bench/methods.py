@@ -143,7 +143,8 @@ class EasyRefMethod(Method):
         pipe = EasyRefPipeline.from_pretrained(args.model, base=args.base, mllm=args.mllm, adapter=args.adapter,
                                                device=_device(args, device), torch_dtype=args.dtype,
                                                mllm_dtype=getattr(args, "mllm_dtype", None),
-                                               mllm_quantize=getattr(args, "mllm_quantize", None))
+                                               mllm_quantize=getattr(args, "mllm_quantize", None),
+                                               offload=getattr(args, "offload", None))
         return cls(pipe, Sampling.from_args(args), scale=args.scale, aggregation=args.aggregation)
 
     def settings(self) -> dict[str, Any]:
