@@ -100,8 +100,12 @@ def _sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
     return 2 * heads * q_len * key[-2] * dim + 2 * heads * q_len * key[-2] * value[-1]
 
 
-# PyTorch's counter has no formula for the CPU flash-attention kernel that SDPA dispatches to here.
-_CUSTOM_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops}
+# PyTorch's counter has no formula for the CPU flash-attention kernel that SDPA dispatches to here, and its
+# GPU formulas refuse grouped-query attention (Qwen2's 2 key/value heads for 12 query heads); this one
+# counts by the query's heads, which is what grouped-query attention computes.
+_CUSTOM_FLOPS = {op: _sdpa_flops for op in (
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu, torch.ops.aten._scaled_dot_product_flash_attention,
+    torch.ops.aten._scaled_dot_product_efficient_attention, torch.ops.aten._scaled_dot_product_cudnn_attention)}
 
 
 def count_flops(fn: Callable[[], object]) -> int:

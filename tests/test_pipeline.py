@@ -375,13 +375,19 @@ def test_non_finite_latents_or_tokens_stop_generation_with_their_source(tiny_pip
 
     seen = []
 
-    def poison(pipe, step, timestep, tensors):
-        seen.append(step)
-        return {**tensors, "latents": tensors["latents"] * float("nan")}
+    def poison_from(first: int):
+        def poison(pipe, step, timestep, tensors):
+            seen.append(step)
+            return {**tensors, "latents": tensors["latents"] * (float("nan") if step >= first else 1.0)}
+        return poison
 
-    with pytest.raises(NonFiniteError, match="NaN or infinite at denoising step 1"):
-        tiny_pipe(references, "a cat", seed=2, callback_on_step_end=poison, **FAST)
-    assert seen == [0]
+    steps = FAST["num_inference_steps"]
+    assert steps >= 2
+    for first in (0, steps - 1):
+        seen.clear()
+        with pytest.raises(NonFiniteError, match=f"NaN or infinite at denoising step {first + 1}:"):
+            tiny_pipe(references, "a cat", seed=2, callback_on_step_end=poison_from(first), **FAST)
+        assert seen == list(range(steps))  # checked once, after the last step: no GPU wait per step
     tiny_pipe.clear_cache()
     monkeypatch.setattr(tiny_pipe.encoder, "encode", lambda groups, prompts: torch.full((1, 4, 64), float("inf")))
     with pytest.raises(NonFiniteError, match="reference encoder produced NaN or infinite tokens"):

@@ -705,16 +705,29 @@ def _layers_record(layers: str | dict[str, Any] | None) -> str | dict[str, Any] 
 
 
 def _refuse_non_finite_latents(user_callback: Callable | None) -> Callable:
-    """A diffusers step callback that stops at the first step whose latents hold NaN or Inf (they would
-    decode to a black image reported as a success), after running the caller's own callback, if any."""
+    """A diffusers step callback that refuses latents holding NaN or Inf (they would decode to a black image
+    reported as a success), after running the caller's own callback, if any.
+
+    Every step's finiteness is kept on the device and read once, at the last step (``pipe.num_timesteps``):
+    reading it each step would make the CPU wait for the GPU 30 times per image, so it could no longer
+    queue the next step's kernels while the current ones run.
+    """
+    flags: list[torch.Tensor] = []
 
     def callback(pipe, step: int, timestep, tensors: dict) -> dict:
         if user_callback is not None:
             tensors = user_callback(pipe, step, timestep, tensors)
         latents = tensors.get("latents")
-        if latents is not None and not bool(torch.isfinite(latents).all()):
-            raise NonFiniteError(f"the latents became NaN or infinite at denoising step {step + 1}: lower "
-                                 f"--scale / --guidance-scale, or run SDXL in float32 (--dtype float32)")
+        if latents is not None:
+            flags.append(torch.isfinite(latents).all())
+        last = getattr(pipe, "num_timesteps", None)
+        if flags and (last is None or step >= last - 1):
+            finite = torch.stack(flags).tolist()
+            flags.clear()
+            if not all(finite):
+                first = finite.index(False) + step + 1 - len(finite)
+                raise NonFiniteError(f"the latents became NaN or infinite at denoising step {first + 1}: lower "
+                                     f"--scale / --guidance-scale, or run SDXL in float32 (--dtype float32)")
         return tensors
 
     return callback
