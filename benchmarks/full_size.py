@@ -479,6 +479,44 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def plot(result: dict, path: Path) -> None:
+    """Encode time against the number of references (measured), and the time of a call with new references
+    made of the measured repeated call plus that encode, next to bare SDXL and IP-Adapter-SDXL."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["encode"]["rows"]
+    refs = [row["refs"] for row in rows]
+    encode = [row["encode_s"] + row["processor_s"] for row in rows]
+    seconds = result["generation"]["seconds"]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.plot(refs, encode, "o-", label="MLLM encode + processor (measured)")
+    step_s = statistics.median(row["unet_step_s"] for row in rows)
+    left.plot(refs, [row["flop_unet_steps"] * step_s for row in rows], "s--",
+              label="its FLOPs at the UNet step's rate (median step)")
+    left.set(xscale="log", yscale="log", xlabel="references in the group", ylabel="seconds",
+             title="encoding one group")
+    right.plot(refs, [seconds["easyref_repeated"] + value for value in encode], "o-",
+               label="EasyRef, new references (repeated call + encode)")
+    for name, label in (("easyref_repeated", "EasyRef, repeated call"), ("ip_adapter", "IP-Adapter-SDXL, 4 refs"),
+                        ("bare", "bare SDXL")):
+        if name in seconds:
+            right.axhline(seconds[name], linestyle=":", color={"easyref_repeated": "C0", "ip_adapter": "C1",
+                                                              "bare": "grey"}[name], label=label)
+    settings = result["settings"]
+    right.set(xscale="log", xlabel="references in the group", ylabel="seconds per image",
+              title=f"one {settings['image']}² image, {settings['steps']} steps")
+    for axis in (left, right):
+        axis.set_xticks(refs, [str(count) for count in refs])
+        axis.legend(fontsize=8)
+    figure.suptitle(result["machine"].get("gpu_name") or result["machine"]["cpu"])
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
 # -- main ----------------------------------------------------------------------------------------------
 def _attempt(result: dict, name: str, fn: Callable[[], dict]) -> None:
     if name in result["skipped"]:
@@ -546,6 +584,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip", nargs="+", choices=MEASUREMENTS, default=[], help="measurements to leave out")
     parser.add_argument("--json", type=Path, help="write every number here")
     parser.add_argument("--markdown", type=Path, help="write the table here too")
+    parser.add_argument("--plot", type=Path, help="draw encode and per-image time against the group size (PNG)")
+    parser.add_argument("--from-json", type=Path, help="measure nothing: read a --json file (with --plot, "
+                                                        "--markdown)")
     parser.add_argument("--memory-option", choices=MEMORY_OPTIONS, help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args(argv)
     settings = settings_for(args.device, args.tiny)
@@ -556,13 +597,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.memory_option:
         print(json.dumps(memory_of(args.memory_option, workdir, settings)))
         return 0
-    result = run(workdir, settings, args.memory_timeout, tuple(args.skip))
+    if args.from_json:
+        result = json.loads(args.from_json.read_text())
+    else:
+        result = run(workdir, settings, args.memory_timeout, tuple(args.skip))
     table = markdown(result)
     print(table)
-    if args.json:
+    if args.json and not args.from_json:
         args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
     if args.markdown:
         args.markdown.write_text(table + "\n")
+    if args.plot:
+        plot(result, args.plot)
     return 0
 
 

@@ -46,6 +46,11 @@ def test_full_size_measures_every_comparison_on_tiny_models(full_size, tmp_path,
     assert "| EasyRef new references / IP-Adapter-SDXL |" in table and "(tiny models)" in table
     # the models are written once: a second run finds them
     assert json.loads((tmp_path / "models" / "done.json").read_text())["kind"] == "tiny"
+    # the plot and table are drawn again from the saved numbers alone
+    assert full_size.main(["--from-json", str(out), "--plot", str(tmp_path / "plot.png"), "--markdown",
+                           str(tmp_path / "again.md")]) == 0
+    assert (tmp_path / "again.md").read_text() == table
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_one_memory_process_reports_its_peak(full_size, tmp_path, one_thread):
