@@ -4,6 +4,9 @@
     python benchmarks/full_size.py --device cpu --json cpu.json                      # bfloat16, 512², 2 steps
     python benchmarks/full_size.py --tiny --json tiny.json                           # same code, tiny models
 
+On a CPU without bfloat16 matrix units (no AVX512-BF16 or AMX) bfloat16 is emulated and a full-size run takes
+hours; float32 needs about 29 GB of RAM. docs/BENCHMARKS.md has the measured GPU run.
+
 The architectures come from their published configs (``benchmarks/configs/*.json``), the weights are
 random (nothing is downloaded): written once to ``--workdir`` with ``save_pretrained`` and loaded back
 the way users load real ones (``EasyRefPipeline.from_pretrained``, diffusers' ``load_ip_adapter``).
