@@ -226,12 +226,16 @@ def _cast(value, dtype: torch.dtype):
     return value
 
 
+def _step_inputs(unet, settings: Settings, tokens: int | None) -> dict:
+    """One CFG step's inputs at the run's image size, on its device, in the UNet's dtype."""
+    return _cast(unet_step_inputs(unet, settings.image // 8, tokens, settings.device), unet.dtype)
+
+
 # -- the measurements ------------------------------------------------------------------------------
 def measure_unet_step(pipe: EasyRefPipeline, bare_unet, settings: Settings) -> dict:
     unet, latent = pipe.base.unet, settings.image // 8
-    dtype = unet.dtype
-    with_refs = _cast(unet_step_inputs(unet, latent, pipe.config.num_reference_tokens, settings.device), dtype)
-    plain = _cast(unet_step_inputs(bare_unet, latent, None, settings.device), dtype)
+    with_refs = _step_inputs(unet, settings, pipe.config.num_reference_tokens)
+    plain = _step_inputs(bare_unet, settings, None)
     variants = {"easyref": lambda: unet(**with_refs), "bare": lambda: bare_unet(**plain)}
     with torch.inference_mode():
         flops = {name: count_flops(fn) for name, fn in variants.items()}
@@ -271,8 +275,7 @@ def measure_encode(pipe: EasyRefPipeline, settings: Settings) -> dict:
     """The MLLM's encode of a group per group size, in UNet steps (the adapter's step), next to the same
     ratio in FLOPs. The processor's CPU work (resizing, patching) is timed apart: it is no model FLOP."""
     unet, encoder = pipe.base.unet, pipe.encoder
-    step_inputs = _cast(unet_step_inputs(unet, settings.image // 8, pipe.config.num_reference_tokens,
-                                         settings.device), unet.dtype)
+    step_inputs = _step_inputs(unet, settings, pipe.config.num_reference_tokens)
     rows = []
     with torch.inference_mode():
         step_flops = count_flops(lambda: unet(**step_inputs))

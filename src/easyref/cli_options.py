@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from easyref.quantize import QUANTIZATIONS
+
 
 def add_verbose(parser: argparse.ArgumentParser, default: object = argparse.SUPPRESS) -> None:
     """``-v``; sub-commands default to SUPPRESS so a ``-v`` before the command stays in force."""
@@ -52,7 +54,7 @@ def add_device_options(parser: argparse.ArgumentParser) -> None:
                        help="the MLLM's precision: auto (bfloat16 on a CUDA GPU that has it, as the release; "
                             "Qwen2 overflows in float16; float32 on CPU or with --dtype float32), float32, "
                             "bfloat16, float16 (default: auto)")
-    group.add_argument("--mllm-quantize", choices=("int8",), metavar="int8",
+    group.add_argument("--mllm-quantize", choices=QUANTIZATIONS, metavar="|".join(QUANTIZATIONS),
                        help="8-bit MLLM weights (torchao, CPU and GPU; pip install 'easyref[quantize]'): about half "
                             "the MLLM's weight memory in bfloat16, a third in float32; docs/BENCHMARKS.md gives the "
                             "drift it costs (default: off)")

@@ -50,15 +50,13 @@ def resolve(source: str | Path, what: str, kind: Literal["pipeline", "model"] | 
     text = str(source)
     if not _HUB_ID.match(text):
         raise ModelFormatError(f"{what} {source}: no such folder (and not a hub id like owner/name)")
-    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub import snapshot_download
 
     try:
         return Path(snapshot_download(text, local_files_only=True))
     except Exception:  # noqa: BLE001 - not cached: fall through to the network
         pass
-    if constants.is_offline_mode():
-        raise HubUnavailableError(f"{what} {text} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and "
-                                  "HF_HUB_OFFLINE is set: download it on a connected machine first")
+    refuse_if_offline(f"{what} {text}")
     files = _pipeline_files(text, what) if kind == "pipeline" else _MODEL_FILES if kind == "model" else {}
     try:
         _announce(text, what, files)
@@ -67,6 +65,15 @@ def resolve(source: str | Path, what: str, kind: Literal["pipeline", "model"] | 
         raise HubUnavailableError(
             f"{what} {text}: not in the local cache and the Hugging Face Hub cannot be reached ({first_line(exc)})"
         ) from None
+
+
+def refuse_if_offline(missing: str) -> None:
+    """With ``HF_HUB_OFFLINE`` set, name what is missing from the cache instead of letting a download fail."""
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
+        raise HubUnavailableError(f"{missing} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and "
+                                  "HF_HUB_OFFLINE is set: download it on a connected machine first")
 
 
 def _pipeline_files(repo: str, what: str) -> dict[str, list[str]]:

@@ -252,17 +252,18 @@ class EasyRefPipeline:
         """
         if mllm_quantize is not None:
             check_method(mllm_quantize)
+        target = pick_device(device)
         if offload is not None:
             check_offload(offload)
+            if target.type == "cpu":  # refused before any part is resolved (a download, the release's conversion)
+                raise InvalidArgumentError(f"offload={offload!r} lends a GPU one part at a time, but the device is "
+                                           "the CPU; offload is for a GPU with too little memory for every part "
+                                           "at once")
         parts = _model_parts(model, base, mllm, adapter)
         needed = ("adapter",) + (("base",) if load_base else ()) + (("mllm",) if load_mllm else ())
         for part in needed:
             if part not in parts:
                 raise ModelFormatError(f"no {part} given: pass a model folder or {part}=...")
-        target = pick_device(device)
-        if offload is not None and target.type == "cpu":
-            raise InvalidArgumentError(f"offload={offload!r} lends a GPU one part at a time, but the device is the "
-                                       "CPU; offload is for a GPU with too little memory for every part at once")
         dtype = pick_dtype(torch_dtype, target)
         encoder_dtype = pick_mllm_dtype(mllm_dtype, target, dtype)
         adapter_folder = resolve(parts["adapter"], "adapter")

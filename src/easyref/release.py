@@ -13,7 +13,7 @@ from pathlib import Path
 
 from easyref.errors import HubUnavailableError, ModelFormatError, first_line
 from easyref.files import sha256_file
-from easyref.hub import resolve
+from easyref.hub import refuse_if_offline, resolve
 
 OFFICIAL_NAME = "official"
 RELEASE_REPO = "zongzhuofan/EasyRef"
@@ -50,7 +50,7 @@ def _pick_weights(names: list[str]) -> str:
 
 def release_checkpoint() -> Path:
     """The release's weights file in the hub cache, downloaded (that file alone) when missing."""
-    from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
+    from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 
     try:
         cached = Path(snapshot_download(RELEASE_REPO, local_files_only=True))
@@ -60,10 +60,7 @@ def release_checkpoint() -> Path:
         names = [str(path.relative_to(cached)) for path in cached.rglob("*") if path.is_file()]
         if any(name.endswith(suffixes) for suffixes in _PREFERRED_SUFFIXES for name in names):
             return cached / _pick_weights(names)
-    if constants.is_offline_mode():
-        raise HubUnavailableError(f"the EasyRef release {RELEASE_REPO} is not in the Hugging Face cache "
-                                  f"({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set: download it on a "
-                                  "connected machine first")
+    refuse_if_offline(f"the EasyRef release {RELEASE_REPO}")
     try:
         name = _pick_weights(HfApi().list_repo_files(RELEASE_REPO))
         return Path(hf_hub_download(RELEASE_REPO, name, etag_timeout=10))
