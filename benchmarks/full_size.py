@@ -2,6 +2,7 @@
 
     python benchmarks/full_size.py --device cuda --json gpu.json --markdown gpu.md   # 1024², 30 steps
     python benchmarks/full_size.py --device cpu --json cpu.json                      # bfloat16, 512², 2 steps
+    python benchmarks/full_size.py --device cpu --skip unet_step encode vision generation --image 256  # CPU memory
     python benchmarks/full_size.py --tiny --json tiny.json                           # same code, tiny models
 
 On a CPU without bfloat16 matrix units (no AVX512-BF16 or AMX) bfloat16 is emulated and a full-size run takes
@@ -411,7 +412,7 @@ def measure_memory(workdir: Path, settings: Settings, timeout: float) -> dict:
     for option in memory_options(settings):
         log(f"  memory: {option}")
         command = [sys.executable, __file__, "--memory-option", option, "--workdir", str(workdir),
-                   "--device", settings.device] + (["--tiny"] if settings.tiny else [])
+                   "--device", settings.device, "--image", str(settings.image)] + (["--tiny"] if settings.tiny else [])
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
         except subprocess.TimeoutExpired:
@@ -585,6 +586,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, help="where the random models are written once "
                                                      "(default: a folder in the system's temp dir)")
     parser.add_argument("--steps", type=int, help="denoising steps per image (default: 30 on GPU, 2 on CPU)")
+    parser.add_argument("--image", type=int, help="image side in pixels (default: 1024 on GPU, 512 on CPU); the "
+                                                  "memory rows are mostly weights, so a CPU can measure them smaller")
     parser.add_argument("--repeats", type=int, help="timed rounds per comparison")
     parser.add_argument("--memory-timeout", type=float, default=300.0, help="seconds per memory process")
     parser.add_argument("--skip", nargs="+", choices=MEASUREMENTS, default=[], help="measurements to leave out")
@@ -597,7 +600,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = settings_for(args.device, args.tiny)
     settings = dataclasses.replace(settings, **{key: value for key, value in (("steps", args.steps),
-                                                                            ("repeats", args.repeats))
+                                                                            ("repeats", args.repeats),
+                                                                            ("image", args.image))
                                                 if value is not None})
     workdir = args.workdir or Path(tempfile.gettempdir()) / f"easyref-full-size-{'tiny' if args.tiny else 'real'}"
     if args.memory_option:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import shutil
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +25,20 @@ def tiny_pipe(tiny_model):
     from easyref.pipeline import EasyRefPipeline
 
     return EasyRefPipeline.from_pretrained(tiny_model, device="cpu", torch_dtype="float32")
+
+
+def hub_snapshot(cache: Path, repo: str, files: dict[str, Path]) -> Path:
+    """Lay ``files`` (name in the repository -> a local file or folder) out as the Hugging Face cache keeps a
+    downloaded snapshot of ``repo``, so code under test finds it offline."""
+    root = cache / f"models--{repo.replace('/', '--')}"
+    snapshot = root / "snapshots" / ("a" * 40)
+    for name, source in files.items():
+        target = snapshot / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if source.is_dir() else shutil.copy)(source, target)
+    (root / "refs").mkdir(parents=True, exist_ok=True)
+    (root / "refs" / "main").write_text("a" * 40)
+    return snapshot
 
 
 def random_image(width: int, height: int, seed: int) -> Image.Image:

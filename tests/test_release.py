@@ -20,32 +20,17 @@ from easyref.official import export_official_layout
 from easyref.pipeline import EasyRefPipeline
 from easyref.weights import ADAPTER_WEIGHTS
 
-from conftest import random_image
-
-COMMIT = "a" * 40
-
-
-def _cache(cache: Path, repo: str, files: dict[str, Path]) -> Path:
-    """Lay ``files`` out as the hub cache keeps a downloaded snapshot of ``repo``."""
-    root = cache / f"models--{repo.replace('/', '--')}"
-    snapshot = root / "snapshots" / COMMIT
-    for name, source in files.items():
-        target = snapshot / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        (shutil.copytree if source.is_dir() else shutil.copy)(source, target)
-    (root / "refs").mkdir(parents=True, exist_ok=True)
-    (root / "refs" / "main").write_text(COMMIT)
-    return snapshot
+from conftest import hub_snapshot, random_image
 
 
 @pytest.fixture
 def hub_cache(tiny_model, tiny_pipe, tmp_path, monkeypatch):
     """An offline hub cache holding SDXL, Qwen2-VL and the release, all three the tiny model's parts."""
     cache = tmp_path / "hub"
-    _cache(cache, release.RELEASE_BASE, {"": tiny_model / "base"})
-    _cache(cache, release.RELEASE_MLLM, {"": tiny_model / "mllm"})
+    hub_snapshot(cache, release.RELEASE_BASE, {"": tiny_model / "base"})
+    hub_snapshot(cache, release.RELEASE_MLLM, {"": tiny_model / "mllm"})
     save_file(export_official_layout(tiny_pipe), str(tmp_path / "easyref.safetensors"))
-    _cache(cache, release.RELEASE_REPO, {"README.md": tiny_model / "adapter" / "config.json",
+    hub_snapshot(cache, release.RELEASE_REPO, {"README.md": tiny_model / "adapter" / "config.json",
                                          "easyref.safetensors": tmp_path / "easyref.safetensors"})
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
@@ -90,7 +75,7 @@ def test_offline_without_a_part_names_it(hub_cache):
 
 
 def test_a_release_with_several_weights_files_asks_which(hub_cache, tmp_path):
-    snapshot = hub_cache / f"models--{release.RELEASE_REPO.replace('/', '--')}" / "snapshots" / COMMIT
+    snapshot = next((hub_cache / f"models--{release.RELEASE_REPO.replace('/', '--')}").glob("snapshots/*"))
     shutil.copy(snapshot / "easyref.safetensors", snapshot / "older.safetensors")
     with pytest.raises(ModelFormatError, match="several weights files .*easyref.safetensors, older.safetensors"):
         release.release_checkpoint()

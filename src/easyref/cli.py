@@ -264,7 +264,8 @@ def _command_line(argv: Sequence[str]) -> str:
 def _model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     if not any(getattr(args, part, None) for part in ("model", "base", "mllm", "adapter")):
         raise UsageError(f"give --model DIR (or --base, --mllm and --adapter) (see '{PROG} {args.command} --help')")
-    return {"base": args.base, "mllm": args.mllm, "adapter": getattr(args, "adapter", None)}
+    return {"base": args.base, "mllm": args.mllm, "adapter": getattr(args, "adapter", None),
+            "base_config": getattr(args, "base_config", None)}
 
 
 def _check_hardware(args: argparse.Namespace) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from easyref.quantize import QUANTIZATIONS
+from easyref.release import RELEASE_BASE
 
 
 def add_verbose(parser: argparse.ArgumentParser, default: object = argparse.SUPPRESS) -> None:
@@ -31,8 +32,13 @@ def add_model_options(parser: argparse.ArgumentParser, adapter: bool = True) -> 
         help=f"model folder holding {parts} (as written by 'easyref make-tiny' or "
              f"EasyRefPipeline.save_pretrained), a Hugging Face Hub id{names}",
     )
-    group.add_argument("--base", metavar="DIR_OR_ID",
-                       help="SDXL base model (a diffusers folder or hub id); overrides MODEL/base")
+    group.add_argument("--base", metavar="DIR_ID_OR_FILE",
+                       help="SDXL base model: a diffusers folder, a hub id, or a single-file SDXL checkpoint "
+                            "(.safetensors, as model sites share finetunes); overrides MODEL/base")
+    group.add_argument("--base-config", metavar="DIR_OR_ID",
+                       help="for a single-file --base: the diffusers folder or hub id whose configs and tokenizers "
+                            f"describe it (default: {RELEASE_BASE}; only its small config files are downloaded when "
+                            "not cached, and a local folder works offline)")
     group.add_argument("--mllm", metavar="DIR_OR_ID",
                        help="Qwen2-VL model (a transformers folder or hub id); overrides MODEL/mllm")
     if adapter:

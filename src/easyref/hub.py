@@ -20,9 +20,11 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 BUNDLED_MODELS = ("shapesworld",)
 _log = logging.getLogger(__name__)
 
-# What a hub download of a transformers model fetches (a diffusers pipeline: see _pipeline_files).
-_MODEL_FILES = {"allow_patterns": ["*.json", "*.txt", "*.jinja", "*.model", "*.safetensors"],
-                "ignore_patterns": ["*onnx*", "*.gguf"]}
+# What a hub download of a transformers model, or of a pipeline's configs alone, fetches (a diffusers
+# pipeline: see _pipeline_files).
+_KIND_FILES = {"model": {"allow_patterns": ["*.json", "*.txt", "*.jinja", "*.model", "*.safetensors"],
+                         "ignore_patterns": ["*onnx*", "*.gguf"]},
+               "config": {"allow_patterns": ["*.json", "*.txt"]}}
 
 
 def bundled_folder(name: str) -> Path:
@@ -30,11 +32,13 @@ def bundled_folder(name: str) -> Path:
     return Path(__file__).resolve().parent / "models" / name
 
 
-def resolve(source: str | Path, what: str, kind: Literal["pipeline", "model"] | None = None) -> Path:
+def resolve(source: str | Path, what: str, kind: Literal["pipeline", "model", "config"] | None = None) -> Path:
     """Return a local folder for ``source``; find it in the hub cache or download it when it is a hub id.
 
-    ``kind`` limits a download to what a diffusers pipeline or a transformers model needs (without it:
-    the whole repository); a download says first how large it is.
+    ``kind`` limits a download to what a diffusers pipeline or a transformers model needs, or to a
+    pipeline's configs and tokenizers alone (without it: the whole repository); a download says first
+    how large it is. A cached copy that lacks the weights ``kind`` needs (a configs-only download made
+    for a single-file base) is completed, not returned half.
     """
     path = Path(source).expanduser()
     if str(source) in BUNDLED_MODELS and not path.exists():
@@ -53,11 +57,13 @@ def resolve(source: str | Path, what: str, kind: Literal["pipeline", "model"] | 
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(text, local_files_only=True))
+        cached = Path(snapshot_download(text, local_files_only=True))
+        if kind not in ("pipeline", "model") or _has_weights(cached, kind):
+            return cached
     except Exception:  # noqa: BLE001 - not cached: fall through to the network
         pass
     refuse_if_offline(f"{what} {text}")
-    files = _pipeline_files(text, what) if kind == "pipeline" else _MODEL_FILES if kind == "model" else {}
+    files = _pipeline_files(text, what) if kind == "pipeline" else _KIND_FILES.get(kind, {})
     try:
         _announce(text, what, files)
         return Path(snapshot_download(text, etag_timeout=10, **files))
@@ -65,6 +71,13 @@ def resolve(source: str | Path, what: str, kind: Literal["pipeline", "model"] | 
         raise HubUnavailableError(
             f"{what} {text}: not in the local cache and the Hugging Face Hub cannot be reached ({first_line(exc)})"
         ) from None
+
+
+def _has_weights(folder: Path, kind: str) -> bool:
+    """Whether a cached snapshot holds weights: in the folder (a model), or in a component it lists (a pipeline)."""
+    if kind == "model":
+        return any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
+    return any(folder.glob("*/*.safetensors")) or any(folder.glob("*/*.bin"))
 
 
 def refuse_if_offline(missing: str) -> None:

@@ -38,6 +38,7 @@ from easyref.prompting import ReferenceProcessor, unconditional_image
 from easyref.quantize import check_method, quantize_mllm
 from easyref.quiet import quiet_libraries, verbose_logging
 from easyref.release import OFFICIAL_NAME
+from easyref.single_file import config_in_use, is_single_file, load_single_file_base
 from easyref.weights import (
     ADAPTER_WEIGHTS,
     MLLM_WEIGHTS,
@@ -187,9 +188,16 @@ class EasyRefPipeline:
 
     # -- construction and persistence --------------------------------------------------------
     @staticmethod
-    def load_base(base: str | Path, torch_dtype: torch.dtype | None = None):
+    def load_base(base: str | Path, torch_dtype: torch.dtype | None = None, config: str | Path | None = None):
+        """SDXL from a diffusers folder or hub id, or from a single ``.safetensors`` file (a finetune as model
+        sites share it) with the pipeline configuration of ``config`` (default: SDXL base's)."""
         from diffusers import StableDiffusionXLPipeline
 
+        if is_single_file(base):
+            return load_single_file_base(base, config, torch_dtype)
+        if config is not None:
+            raise InvalidArgumentError(f"a base configuration ({config}) is only for a single-file base; the base "
+                                       f"{base} is a folder or hub id with its own")
         folder = resolve(base, "base model", "pipeline")
         if not (folder / "model_index.json").is_file():
             raise ModelFormatError(f"base model {base} is not a diffusers pipeline folder (no model_index.json)")
@@ -217,14 +225,15 @@ class EasyRefPipeline:
 
     @classmethod
     def create(cls, base: str | Path | Any, mllm: str | Path, *, torch_dtype: torch.dtype | None = None,
-               vision_batching: VisionBatching = "auto", **config_kwargs: Any) -> EasyRefPipeline:
+               vision_batching: VisionBatching = "auto", base_config: str | Path | None = None,
+               **config_kwargs: Any) -> EasyRefPipeline:
         """A new, untrained EasyRef around a base SDXL and a Qwen2-VL (the start of training).
 
         The final-layer copy starts from the MLLM's last K layers and to_k_ip / to_v_ip from
         the UNet's to_k / to_v, as in the release.
         """
         with quiet_libraries(verbose_logging()):
-            sd = base if hasattr(base, "unet") else cls.load_base(base, torch_dtype)
+            sd = base if hasattr(base, "unet") else cls.load_base(base, torch_dtype, base_config)
             model, mllm_folder = cls.load_mllm(mllm, torch_dtype)
         config = EasyRefConfig(mllm_hidden_size=model.config.text_config.hidden_size,
                                cross_attention_dim=sd.unet.config.cross_attention_dim, **config_kwargs)
@@ -238,10 +247,12 @@ class EasyRefPipeline:
                         device: str | None = None, torch_dtype: str | torch.dtype | None = None,
                         mllm_dtype: str | torch.dtype | None = None, load_mllm: bool = True, load_base: bool = True,
                         vision_batching: VisionBatching = "auto", mllm_quantize: str | None = None,
-                        offload: str | None = None) -> EasyRefPipeline:
+                        offload: str | None = None, base_config: str | Path | None = None) -> EasyRefPipeline:
         """Load from a model folder (``base/``, ``mllm/``, ``adapter/``) and/or one source per part.
 
-        Each part is a local folder or a hub id. ``torch_dtype`` is SDXL's precision (auto: float16 on
+        Each part is a local folder or a hub id; ``base`` may also be a single-file SDXL ``.safetensors``
+        checkpoint, configured by ``base_config`` (a diffusers folder or hub id; default: SDXL base's,
+        from the Hugging Face cache). ``torch_dtype`` is SDXL's precision (auto: float16 on
         a GPU, float32 on CPU), ``mllm_dtype`` the MLLM's (auto: bfloat16 on CUDA, else float32; see
         :func:`easyref.devices.pick_mllm_dtype`); the reference tokens are cast to the UNet's dtype.
         ``load_mllm=False`` skips the MLLM: the pipeline then generates only from precomputed embeds.
@@ -269,7 +280,7 @@ class EasyRefPipeline:
         adapter_folder = resolve(parts["adapter"], "adapter")
         config = EasyRefConfig.load(adapter_folder)
         with quiet_libraries(verbose_logging()):
-            sd = cls.load_base(parts["base"], dtype) if load_base else None
+            sd = cls.load_base(parts["base"], dtype, base_config) if load_base else None
             encoder = None
             if load_mllm:
                 model_, mllm_folder = cls.load_mllm(parts["mllm"], encoder_dtype)
@@ -278,6 +289,9 @@ class EasyRefPipeline:
         pipe = cls(sd, encoder, config)
         pipe.load_adapter(adapter_folder)
         pipe.sources = {part: str(parts[part]) for part in parts}
+        config_used = config_in_use(parts["base"], base_config) if "base" in parts else None
+        if config_used is not None:
+            pipe.sources["base_config"] = config_used
         if offload is None:
             pipe.to(target)
         if mllm_quantize is not None and encoder is not None:

@@ -24,8 +24,15 @@ CONVERTED_FOLDER = "easyref-converted"
 
 
 def official_parts(base: str | Path | None = None, mllm: str | Path | None = None) -> dict[str, Path]:
-    """Local folders for the release's ``base``, ``mllm`` and converted ``adapter`` (given parts replace theirs)."""
-    base_folder = resolve(base or RELEASE_BASE, "base model", "pipeline")
+    """Local folders for the release's ``base``, ``mllm`` and converted ``adapter`` (given parts replace theirs).
+
+    A single-file ``base`` stays a file: it loads with SDXL base's configuration alone, so the release
+    base's weights are not fetched for it.
+    """
+    from easyref.single_file import is_single_file  # it names RELEASE_BASE as its default configuration
+
+    base_folder = Path(base) if base is not None and is_single_file(base) else \
+        resolve(base or RELEASE_BASE, "base model", "pipeline")
     mllm_folder = resolve(mllm or RELEASE_MLLM, "MLLM", "model")
     checkpoint = release_checkpoint()
     adapter = converted_folder(checkpoint)

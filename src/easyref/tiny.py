@@ -119,18 +119,18 @@ def _clip_tokenizer(pad_token: str) -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=_CLIP_MERGES, pad_token=pad_token, model_max_length=77)
 
 
-def _clip_text_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
+def _clip_text_config(tokenizer: CLIPTokenizer, width: int = 32) -> CLIPTextConfig:
     """Tiny CLIP text tower config (as in diffusers' SDXL pipeline tests) sized to ``tokenizer``.
 
     The token ids matter: CLIP pools the hidden state at the end-of-text token.
     """
     return CLIPTextConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
+        hidden_size=width,
         intermediate_size=37,
         num_hidden_layers=2,
         num_attention_heads=4,
-        projection_dim=32,
+        projection_dim=width,
         max_position_embeddings=tokenizer.model_max_length,
         hidden_act="gelu",
         layer_norm_eps=1e-5,
@@ -140,12 +140,14 @@ def _clip_text_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
     )
 
 
-def write_tiny_base(folder: Path, seed: int = 0) -> None:
+def write_tiny_base(folder: Path, seed: int = 0, width_2: int = 32) -> None:
     """Write a tiny ``StableDiffusionXLPipeline`` folder that generates a 64x64 image in seconds on CPU.
 
     The UNet has SDXL's structure (text-time added conditioning, two text encoders whose hidden states
     are concatenated into the cross-attention context) at test-suite size, so code written against
-    SDXL runs unchanged. No feature extractor or image encoder is saved.
+    SDXL runs unchanged. No feature extractor or image encoder is saved. ``width_2`` is the second
+    text encoder's width; a single-file checkpoint tells SDXL's two encoders apart by width (768 and
+    1280), so a tiny one must make them differ too.
     """
     tokenizer = _clip_tokenizer(pad_token="<|endoftext|>")
     tokenizer_2 = _clip_tokenizer(pad_token="!")
@@ -163,8 +165,8 @@ def write_tiny_base(folder: Path, seed: int = 0) -> None:
         addition_embed_type="text_time",
         addition_time_embed_dim=8,
         transformer_layers_per_block=(1, 2),
-        projection_class_embeddings_input_dim=6 * 8 + 32,  # six size/crop numbers + pooled text_encoder_2
-        cross_attention_dim=32 + 32,  # both text encoders' hidden states, concatenated
+        projection_class_embeddings_input_dim=6 * 8 + width_2,  # six size/crop numbers + pooled text_encoder_2
+        cross_attention_dim=32 + width_2,  # both text encoders' hidden states, concatenated
         norm_num_groups=32,
     )
     torch.manual_seed(seed)
@@ -187,7 +189,7 @@ def write_tiny_base(folder: Path, seed: int = 0) -> None:
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(_clip_text_config(tokenizer))
     torch.manual_seed(seed)
-    text_encoder_2 = CLIPTextModelWithProjection(_clip_text_config(tokenizer_2))
+    text_encoder_2 = CLIPTextModelWithProjection(_clip_text_config(tokenizer_2, width_2))
     pipe = StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=text_encoder,

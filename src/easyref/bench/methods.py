@@ -36,6 +36,7 @@ from easyref.errors import InvalidArgumentError, ModelFormatError
 from easyref.hub import resolve
 from easyref.images import load_image
 from easyref.pipeline import EasyRefPipeline
+from easyref.single_file import config_in_use
 
 # The weight file and sub-folder of IP-Adapter-SDXL in h94/IP-Adapter, diffusers' documented example.
 LORA_ADAPTER_NAME = "bench-lora"
@@ -91,10 +92,11 @@ def _sample(pipe: Any, prompt: str, seed: int, num_images: int, sampling: Sampli
 
 
 def load_plain_sdxl(base: str | Path, device: str | torch.device | None = None,
-                    torch_dtype: str | torch.dtype | None = None):
-    """A plain ``StableDiffusionXLPipeline`` (no EasyRef processors) for the baselines."""
+                    torch_dtype: str | torch.dtype | None = None, config: str | Path | None = None):
+    """A plain ``StableDiffusionXLPipeline`` (no EasyRef processors) for the baselines; ``config`` configures
+    a single-file ``base`` (:meth:`EasyRefPipeline.load_base`)."""
     target = pick_device(str(device) if device is not None else None)
-    pipe = EasyRefPipeline.load_base(base, pick_dtype(torch_dtype, target)).to(target)
+    pipe = EasyRefPipeline.load_base(base, pick_dtype(torch_dtype, target), config).to(target)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -144,7 +146,7 @@ class EasyRefMethod(Method):
                                                device=_device(args, device), torch_dtype=args.dtype,
                                                mllm_dtype=getattr(args, "mllm_dtype", None),
                                                mllm_quantize=getattr(args, "mllm_quantize", None),
-                                               offload=getattr(args, "offload", None))
+                                               offload=getattr(args, "offload", None), base_config=_base_config(args))
         return cls(pipe, Sampling.from_args(args), scale=args.scale, aggregation=args.aggregation)
 
     def settings(self) -> dict[str, Any]:
@@ -163,6 +165,16 @@ class EasyRefMethod(Method):
 
 
 # -- baselines on a plain SDXL --------------------------------------------------------------------
+
+def _base_config(args: argparse.Namespace) -> str | None:
+    return getattr(args, "base_config", None)
+
+
+def _base_sources(base: str | Path, args: argparse.Namespace) -> dict[str, str]:
+    """The base for a sidecar: its source, plus the configuration a single-file base was loaded with."""
+    config = config_in_use(base, _base_config(args))
+    return {"base": str(base)} if config is None else {"base": str(base), "base_config": config}
+
 
 def base_source(args: argparse.Namespace) -> str | Path:
     """The SDXL base for a baseline: ``--base``, or ``base/`` inside ``--model``."""
@@ -189,8 +201,8 @@ class TextOnlyMethod(Method):
     @classmethod
     def from_args(cls, args: argparse.Namespace, device: str | torch.device | None = None) -> TextOnlyMethod:
         base = base_source(args)
-        return cls(load_plain_sdxl(base, _device(args, device), args.dtype), Sampling.from_args(args),
-                   {"base": str(base)})
+        return cls(load_plain_sdxl(base, _device(args, device), args.dtype, _base_config(args)),
+                   Sampling.from_args(args), _base_sources(base, args))
 
     def settings(self) -> dict[str, Any]:
         return {**self.sampling.settings(), "sources": self.sources, "dtype": _dtype_name(self.pipe)}
@@ -221,7 +233,8 @@ class IPAdapterMethod(Method):
     @staticmethod
     def load(base: str | Path, ip_adapter: str | Path, *, subfolder: str = "",
              weight_name: str = ip_adapter_format.WEIGHT_NAME, image_encoder: str | Path | None = None,
-             device: str | torch.device | None = None, torch_dtype: str | torch.dtype | None = None):
+             device: str | torch.device | None = None, torch_dtype: str | torch.dtype | None = None,
+             base_config: str | Path | None = None):
         """A plain SDXL with an IP-Adapter loaded through diffusers' ``load_ip_adapter``.
 
         ``ip_adapter`` is a folder or hub id holding ``subfolder/weight_name``, or the weight file
@@ -235,7 +248,7 @@ class IPAdapterMethod(Method):
         source = Path(ip_adapter)
         if source.is_file():
             source, subfolder, weight_name = source.parent, "", source.name
-        pipe = load_plain_sdxl(base, device, torch_dtype)
+        pipe = load_plain_sdxl(base, device, torch_dtype, base_config)
         if image_encoder is not None:
             encoder = CLIPVisionModelWithProjection.from_pretrained(image_encoder, dtype=pipe.unet.dtype)
         else:
@@ -253,9 +266,10 @@ class IPAdapterMethod(Method):
         base = base_source(args)
         pipe = cls.load(base, args.ip_adapter, subfolder=args.ip_adapter_subfolder,
                         weight_name=args.ip_adapter_weight_name, image_encoder=args.image_encoder,
-                        device=_device(args, device), torch_dtype=args.dtype)
-        sources = {"base": str(base), "ip_adapter": str(args.ip_adapter), "subfolder": args.ip_adapter_subfolder,
-                   "weight_name": args.ip_adapter_weight_name, "image_encoder": str(args.image_encoder or "")}
+                        device=_device(args, device), torch_dtype=args.dtype, base_config=_base_config(args))
+        sources = {**_base_sources(base, args), "ip_adapter": str(args.ip_adapter),
+                   "subfolder": args.ip_adapter_subfolder, "weight_name": args.ip_adapter_weight_name,
+                   "image_encoder": str(args.image_encoder or "")}
         return cls(pipe, Sampling.from_args(args), args.scale, sources)
 
     def settings(self) -> dict[str, Any]:
@@ -344,8 +358,8 @@ class LoRAMethod(Method):
         tuning = LoRATuning(steps=args.lora_steps, rank=args.lora_rank, learning_rate=args.lora_lr,
                             resolution=args.lora_resolution)
         tuning.check()
-        return cls(load_plain_sdxl(base, _device(args, device), args.dtype), Sampling.from_args(args), tuning,
-                   {"base": str(base)})
+        return cls(load_plain_sdxl(base, _device(args, device), args.dtype, _base_config(args)),
+                   Sampling.from_args(args), tuning, _base_sources(base, args))
 
     def settings(self) -> dict[str, Any]:
         return {**self.sampling.settings(), "lora": dataclasses.asdict(self.tuning), "sources": self.sources,

@@ -178,7 +178,7 @@ def options_from_args(args: argparse.Namespace):
                             face_expand=args.face_expand, face_flip=args.face_flip, crop=args.crop)
     return TrainOptions(
         stage=args.stage, data=Path(args.data), output=Path(args.output), model=args.model, base=args.base,
-        mllm=args.mllm, init=Path(args.init) if args.init else None,
+        mllm=args.mllm, base_config=args.base_config, init=Path(args.init) if args.init else None,
         image_root=Path(args.image_root) if args.image_root else None,
         allow_absolute_paths=args.allow_absolute_paths, skip_earlier_stages=args.skip_earlier_stages,
         max_steps=args.max_steps,

@@ -109,10 +109,11 @@ def load_pipeline(opts: TrainOptions) -> EasyRefPipeline:
     in float32."""
     base, mllm = model_parts(opts)
     if opts.init is None:
-        pipe = EasyRefPipeline.create(base, mllm, torch_dtype=torch.float32, **opts.fresh_adapter_kwargs())
+        pipe = EasyRefPipeline.create(base, mllm, torch_dtype=torch.float32, base_config=opts.base_config,
+                                      **opts.fresh_adapter_kwargs())
     else:
         pipe = EasyRefPipeline.from_pretrained(base=base, mllm=mllm, adapter=opts.init, device="cpu",
-                                               torch_dtype="float32")
+                                               torch_dtype="float32", base_config=opts.base_config)
     if stages.trains_mllm(opts.stage):
         current = pipe.config.lora_rank
         if current is not None and opts.lora_rank is not None and opts.lora_rank != current:

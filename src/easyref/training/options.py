@@ -83,6 +83,7 @@ class TrainOptions:
     model: str | None = None
     base: str | None = None
     mllm: str | None = None
+    base_config: str | None = None  # configures a single-file --base (easyref.single_file)
     init: Path | None = None
     # Stages single / multi from a new adapter instead of the previous stage's (the paper's
     # progressive-training ablation: multi-reference training alone).
