@@ -58,7 +58,7 @@ def resolve(source: str | Path, what: str, kind: Literal["pipeline", "model", "c
 
     try:
         cached = Path(snapshot_download(text, local_files_only=True))
-        if kind not in ("pipeline", "model") or _has_weights(cached, kind):
+        if kind not in ("pipeline", "model") or _snapshot_has_weights(cached, kind):
             return cached
     except Exception:  # noqa: BLE001 - not cached: fall through to the network
         pass
@@ -73,11 +73,16 @@ def resolve(source: str | Path, what: str, kind: Literal["pipeline", "model", "c
         ) from None
 
 
-def _has_weights(folder: Path, kind: str) -> bool:
+def has_weights(folder: Path) -> bool:
+    """Whether a model folder holds a weights file (safetensors, its shards, or a pickle ``.bin``)."""
+    return any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
+
+
+def _snapshot_has_weights(folder: Path, kind: str) -> bool:
     """Whether a cached snapshot holds weights: in the folder (a model), or in a component it lists (a pipeline)."""
     if kind == "model":
-        return any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
-    return any(folder.glob("*/*.safetensors")) or any(folder.glob("*/*.bin"))
+        return has_weights(folder)
+    return any(has_weights(part) for part in folder.iterdir() if part.is_dir())
 
 
 def refuse_if_offline(missing: str) -> None:

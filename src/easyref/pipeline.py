@@ -32,7 +32,7 @@ from easyref.devices import check_offload, empty_device_cache, pick_device, pick
 from easyref.encoder import ReferenceEncoder, VisionBatching
 from easyref.errors import InvalidArgumentError, ModelFormatError, NonFiniteError, ShapeMismatchError, first_line
 from easyref.files import package_versions, read_json
-from easyref.hub import resolve
+from easyref.hub import has_weights, resolve
 from easyref.images import image_sha256, load_references
 from easyref.prompting import ReferenceProcessor, unconditional_image
 from easyref.quantize import check_method, quantize_mllm
@@ -88,10 +88,6 @@ def _model_parts(model: str | Path | None, base, mllm, adapter) -> dict[str, str
                 raise ModelFormatError(f"model folder {model} has no {part}/ part (or give {part}= explicitly)")
             parts[part] = folder / part
     return parts
-
-
-def _has_weights(folder: Path) -> bool:
-    return any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
 
 
 def _check_component(base: str | Path, folder: Path, part: str, declared: object) -> None:
@@ -208,7 +204,7 @@ class EasyRefPipeline:
             _check_component(base, folder, part, declared)
             sub = folder / part
             # A model part (it has a config.json) without weights: name it, not the last file diffusers tried.
-            if (sub / "config.json").is_file() and not _has_weights(sub):
+            if (sub / "config.json").is_file() and not has_weights(sub):
                 raise ModelFormatError(f"base model {base}: {part}/ has no weights file (*.safetensors or *.bin)")
         return StableDiffusionXLPipeline.from_pretrained(folder, dtype=torch_dtype)
 
@@ -219,7 +215,7 @@ class EasyRefPipeline:
         folder = resolve(mllm, "MLLM", "model")
         if not (folder / "config.json").is_file():
             raise ModelFormatError(f"MLLM {mllm} is not a transformers model folder (no config.json)")
-        if not _has_weights(folder):
+        if not has_weights(folder):
             raise ModelFormatError(f"MLLM {mllm} has no weights file (model.safetensors, its shards, or *.bin)")
         return AutoModelForImageTextToText.from_pretrained(folder, dtype=torch_dtype), folder
 
