@@ -2,11 +2,11 @@
 
     python benchmarks/full_size.py --device cuda --json gpu.json --markdown gpu.md   # 1024², 30 steps
     python benchmarks/full_size.py --device cpu --json cpu.json                      # bfloat16, 512², 2 steps
-    python benchmarks/full_size.py --device cpu --skip unet_step encode vision generation --image 256  # CPU memory
     python benchmarks/full_size.py --tiny --json tiny.json                           # same code, tiny models
 
 On a CPU without bfloat16 matrix units (no AVX512-BF16 or AMX) bfloat16 is emulated and a full-size run takes
-hours; float32 needs about 29 GB of RAM. docs/BENCHMARKS.md has the measured GPU run.
+hours (on the 2-core EPYC, one memory process at 256² did not finish one step in 17 minutes); float32 needs
+about 29 GB of RAM. docs/BENCHMARKS.md has the measured GPU run.
 
 The architectures come from their published configs (``benchmarks/configs/*.json``), the weights are
 random (nothing is downloaded): written once to ``--workdir`` with ``save_pretrained`` and loaded back
