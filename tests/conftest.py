@@ -35,7 +35,10 @@ def hub_snapshot(cache: Path, repo: str, files: dict[str, Path]) -> Path:
     for name, source in files.items():
         target = snapshot / name
         target.parent.mkdir(parents=True, exist_ok=True)
-        (shutil.copytree if source.is_dir() else shutil.copy)(source, target)
+        if source.is_dir():
+            shutil.copytree(source, target, dirs_exist_ok=True)
+        else:
+            shutil.copy(source, target)
     (root / "refs").mkdir(parents=True, exist_ok=True)
     (root / "refs" / "main").write_text("a" * 40)
     return snapshot

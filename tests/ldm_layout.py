@@ -24,7 +24,7 @@ _OPEN_CLIP_LAYER = (("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln
                     ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj"))
 
 
-def _rename(rest: str, table) -> str:
+def _rename(rest: str, table: tuple[tuple[str, str], ...]) -> str:
     for new, old in table:
         if rest.startswith(new + "."):
             return old + rest[len(new):]
@@ -37,7 +37,6 @@ def unet_to_ldm(unet) -> dict[str, torch.Tensor]:
     up_has_attention = ["CrossAttn" in kind for kind in unet.config.up_block_types]
     out = {}
     for key, value in unet.state_dict().items():
-        head, _, rest = key.partition(".")
         top = next((old + key[len(new):] for new, old in _UNET_TOP.items() if key.startswith(new + ".")), None)
         if top is not None:
             name = top

@@ -5,6 +5,7 @@ interruption does not waste. (Part two's steps have their own tests in test_shap
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -71,8 +72,9 @@ def test_a_rerun_trains_nothing_and_gives_the_same_numbers(run, monkeypatch):
     assert _as_json(again) == summary
 
 
-def test_an_interrupted_run_redoes_only_the_unfinished_model(run, monkeypatch):
-    output, _ = run
+def test_an_interrupted_run_redoes_only_the_unfinished_model(run, monkeypatch, tmp_path):
+    output = tmp_path / "out"
+    shutil.copytree(run[0], output)  # the shared run stays finished for the other tests
     (output / "pretrained" / "work" / "mllm" / DONE).unlink()  # as if the run had stopped during the MLLM
     called = _refuse_training(monkeypatch, allowed=("mllm",))
     with fast_cpu_maths():

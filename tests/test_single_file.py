@@ -57,7 +57,7 @@ def _config(module) -> dict:
 
 def test_every_weight_and_config_comes_back(model: Path) -> None:
     folder = EasyRefPipeline.load_base(model / "base")
-    single = EasyRefPipeline.load_base(model / "base.safetensors", config=model / "base")
+    single = EasyRefPipeline.load_base(model / "base.safetensors", base_config=model / "base")
     for name in COMPONENTS:
         ours, theirs = _state(single, name), _state(folder, name)
         assert ours.keys() == theirs.keys(), name
@@ -117,7 +117,7 @@ def _checkpoint(model: Path, tmp_path: Path, change) -> Path:
 def test_a_missing_weight_is_refused(model: Path, tmp_path: Path) -> None:
     path = _checkpoint(model, tmp_path, lambda state: state.pop("conditioner.embedders.1.model.text_projection"))
     with pytest.raises(ModelFormatError, match="lacks weights of the text_encoder_2"):
-        EasyRefPipeline.load_base(path, config=model / "base")
+        EasyRefPipeline.load_base(path, base_config=model / "base")
 
 
 def test_a_weight_of_the_wrong_shape_is_refused(model: Path, tmp_path: Path) -> None:
@@ -125,7 +125,7 @@ def test_a_weight_of_the_wrong_shape_is_refused(model: Path, tmp_path: Path) -> 
         state["model.diffusion_model.out.2.weight"] = torch.zeros(8, 32, 3, 3)
 
     with pytest.raises(ModelFormatError, match=r"does not load with the configuration of .*base"):
-        EasyRefPipeline.load_base(_checkpoint(model, tmp_path, widen), config=model / "base")
+        EasyRefPipeline.load_base(_checkpoint(model, tmp_path, widen), base_config=model / "base")
 
 
 def test_files_that_are_not_sdxl_checkpoints_are_refused(model: Path, tmp_path: Path) -> None:
@@ -134,19 +134,50 @@ def test_files_that_are_not_sdxl_checkpoints_are_refused(model: Path, tmp_path: 
     with pytest.raises(ModelFormatError, match=r"must be a \.safetensors file"):
         EasyRefPipeline.load_base(pickle)
     diffusers_unet = next((model / "base" / "unet").glob("*.safetensors"))
-    with pytest.raises(ModelFormatError, match="not an SDXL checkpoint in the original single-file layout"):
-        EasyRefPipeline.load_base(diffusers_unet, config=model / "base")
+    with pytest.raises(ModelFormatError, match="not an SDXL base checkpoint in the original single-file layout"):
+        EasyRefPipeline.load_base(diffusers_unet, base_config=model / "base")
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\x00" * 64)
     with pytest.raises(ModelFormatError, match="not a readable safetensors file"):
-        EasyRefPipeline.load_base(garbage, config=model / "base")
+        EasyRefPipeline.load_base(garbage, base_config=model / "base")
     with pytest.raises(ModelFormatError, match="is not a diffusers pipeline folder"):
-        EasyRefPipeline.load_base(model / "base.safetensors", config=model / "mllm")
+        EasyRefPipeline.load_base(model / "base.safetensors", base_config=model / "mllm")
 
 
-def test_a_configuration_for_a_folder_base_is_refused(model: Path) -> None:
-    with pytest.raises(InvalidArgumentError, match="only for a single-file base"):
-        EasyRefPipeline.load_base(model / "base", config=model / "base")
+def test_a_missing_file_and_a_base_that_is_not_sdxl_base_are_named(model: Path, tmp_path: Path) -> None:
+    for missing in (tmp_path / "nothere.safetensors", tmp_path / "models" / "nothere.safetensors"):
+        with pytest.raises(ModelFormatError, match="nothere.safetensors: no such file"):
+            EasyRefPipeline.load_base(missing, base_config=model / "base")
+    without_openclip = _checkpoint(model, tmp_path, lambda state: [state.pop(key) for key in list(state)
+                                                                   if key.startswith("conditioner.embedders.1.")])
+    with pytest.raises(ModelFormatError, match="not an SDXL base checkpoint .*refiner"):
+        EasyRefPipeline.load_base(without_openclip, base_config=model / "base")
+
+
+def test_an_upper_case_suffix_is_named_not_taken_for_a_pickle(model: Path, tmp_path: Path) -> None:
+    """diffusers reads any name not ending in ".safetensors" as a pickle: the rename is asked for instead."""
+    upper = tmp_path / "BASE.SAFETENSORS"
+    upper.write_bytes((model / "base.safetensors").read_bytes())
+    with pytest.raises(ModelFormatError, match=r"must be named \*\.safetensors, in lower case"):
+        EasyRefPipeline.load_base(upper, base_config=model / "base")
+
+
+def test_a_configuration_without_a_single_file_base_is_refused_before_anything_loads(model: Path,
+                                                                                    monkeypatch) -> None:
+    from easyref import pipeline
+    from easyref.training.options import TrainOptions
+
+    def must_not_resolve(*args, **kwargs):
+        raise AssertionError("a part was resolved before the refusal")
+
+    monkeypatch.setattr(pipeline, "resolve", must_not_resolve)
+    with pytest.raises(InvalidArgumentError, match="describes a single-file base, but the base .* is a folder"):
+        EasyRefPipeline.load_base(model / "base", base_config=model / "base")
+    with pytest.raises(InvalidArgumentError, match="but no single-file base is given"):
+        EasyRefPipeline.from_pretrained(model, base_config=model / "base", device="cpu")
+    with pytest.raises(InvalidArgumentError, match="describes a single-file base"):
+        TrainOptions(stage="align", data=Path("d.json"), output=Path("out"), model=str(model),
+                     base_config=str(model / "base")).check()
 
 
 def test_generate_takes_a_single_file_base_and_records_its_configuration(model: Path, tmp_path: Path) -> None:
@@ -177,6 +208,9 @@ def test_the_release_on_a_single_file_base_needs_only_sdxl_base_configs(model: P
     hub_snapshot(cache, release.RELEASE_BASE, {path.relative_to(base).as_posix(): path for path in base.rglob("*")
                                                if path.is_file() and path.suffix in (".json", ".txt")})
     hub_snapshot(cache, release.RELEASE_MLLM, {"": model / "mllm"})
+    empty = tmp_path / "empty"
+    hub_snapshot(empty, release.RELEASE_MLLM, {"": model / "mllm"})
+    hub_snapshot(empty, release.RELEASE_REPO, {"easyref.safetensors": tmp_path / "easyref.safetensors"})
     hub_snapshot(cache, release.RELEASE_REPO, {"easyref.safetensors": tmp_path / "easyref.safetensors"})
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
@@ -186,3 +220,9 @@ def test_the_release_on_a_single_file_base_needs_only_sdxl_base_configs(model: P
     assert pipe.sources["base_config"] == release.RELEASE_BASE
     assert torch.equal(pipe.encoder.final.reference_tokens, source.encoder.final.reference_tokens)
     assert torch.equal(pipe.base.unet.conv_in.weight, source.base.unet.conv_in.weight)
+    # With a local configuration, SDXL base need not be in the cache at all (conversion included).
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(empty))
+    local = EasyRefPipeline.from_pretrained("official", base=model / "base.safetensors", base_config=base,
+                                            device="cpu", torch_dtype="float32")
+    assert local.sources["base_config"] == str(base)
+    assert torch.equal(local.encoder.final.reference_tokens, source.encoder.final.reference_tokens)

@@ -647,7 +647,7 @@ def cmd_convert(args: argparse.Namespace, argv: Sequence[str]) -> int:
     # import_official checks the output folder first, then the checkpoint, then loads the models,
     # and writes the adapter folder complete or not at all.
     folder = import_official(args.official, args.output, model=args.model, base=args.base, mllm=args.mllm,
-                             overwrite=args.overwrite)
+                             overwrite=args.overwrite, base_config=args.base_config)
     print(folder)
     return 0
 

@@ -18,6 +18,7 @@ from easyref.errors import HubUnavailableError, ModelFormatError, first_line
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 BUNDLED_MODELS = ("shapesworld",)
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 _log = logging.getLogger(__name__)
 
 # What a hub download of a transformers model, or of a pipeline's configs alone, fetches (a diffusers
@@ -58,7 +59,7 @@ def resolve(source: str | Path, what: str, kind: Literal["pipeline", "model", "c
 
     try:
         cached = Path(snapshot_download(text, local_files_only=True))
-        if kind not in ("pipeline", "model") or _snapshot_has_weights(cached, kind):
+        if kind not in ("pipeline", "model") or _complete(cached, kind):
             return cached
     except Exception:  # noqa: BLE001 - not cached: fall through to the network
         pass
@@ -73,16 +74,29 @@ def resolve(source: str | Path, what: str, kind: Literal["pipeline", "model", "c
         ) from None
 
 
+def is_single_file(source: str | Path) -> bool:
+    """Whether ``source`` names one checkpoint file (an existing file, or a name ending like one) rather than a
+    folder or a hub id."""
+    path = Path(source).expanduser()
+    return path.is_file() or (not path.is_dir() and path.suffix.lower() in CHECKPOINT_SUFFIXES)
+
+
 def has_weights(folder: Path) -> bool:
     """Whether a model folder holds a weights file (safetensors, its shards, or a pickle ``.bin``)."""
     return any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
 
 
-def _snapshot_has_weights(folder: Path, kind: str) -> bool:
-    """Whether a cached snapshot holds weights: in the folder (a model), or in a component it lists (a pipeline)."""
+def parts_without_weights(folder: Path) -> list[str]:
+    """The components of a diffusers pipeline folder that have a ``config.json`` but no weights file (an
+    interrupted download, or the configs-only one a single-file base makes)."""
+    return sorted(part.name for part in folder.iterdir()
+                  if part.is_dir() and (part / "config.json").is_file() and not has_weights(part))
+
+
+def _complete(folder: Path, kind: Literal["pipeline", "model"]) -> bool:
     if kind == "model":
         return has_weights(folder)
-    return any(has_weights(part) for part in folder.iterdir() if part.is_dir())
+    return (folder / "model_index.json").is_file() and not parts_without_weights(folder)
 
 
 def refuse_if_offline(missing: str) -> None:

@@ -252,14 +252,15 @@ def import_official(
     checkpoint: str | os.PathLike, output: str | os.PathLike, *, model: str | os.PathLike | None = None,
     base: str | os.PathLike | None = None, mllm: str | os.PathLike | None = None,
     reference_attention: ReferenceAttention = "causal", torch_dtype: torch.dtype | None = None,
-    overwrite: bool = False,
+    overwrite: bool = False, base_config: str | os.PathLike | None = None,
 ) -> Path:
     """Convert a release checkpoint into an adapter folder for ``EasyRefPipeline.from_pretrained``.
 
     The base SDXL and the Qwen2-VL come from a model folder (``base/``, ``mllm/``) or from
-    ``base=`` / ``mllm=``. The weights are loaded into a real pipeline (every shape checked)
-    before anything is written; the folder appears complete or not at all. ``torch_dtype``
-    defaults to the checkpoint's own dtype (float32 when it mixes several).
+    ``base=`` / ``mllm=`` (``base_config=`` configures a single-file base). The weights are loaded
+    into a real pipeline (every shape checked) before anything is written; the folder appears
+    complete or not at all. ``torch_dtype`` defaults to the checkpoint's own dtype (float32 when it
+    mixes several).
     """
     from easyref.pipeline import EasyRefPipeline
 
@@ -274,7 +275,7 @@ def import_official(
         base_source, mllm_source, torch_dtype=torch_dtype or _checkpoint_dtype(state),
         num_reference_tokens=config.num_reference_tokens, num_final_layers=config.num_final_layers,
         aggregation=config.aggregation, reference_attention=config.reference_attention,
-        lora_rank=config.lora_rank,
+        lora_rank=config.lora_rank, base_config=base_config,
     )
     _check_sizes(adapter_state, pipe.config.mllm_hidden_size, pipe.config.cross_attention_dim, source)
     encoder, unet = pipe.encoder, pipe.base.unet

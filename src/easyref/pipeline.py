@@ -19,7 +19,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
@@ -32,13 +32,13 @@ from easyref.devices import check_offload, empty_device_cache, pick_device, pick
 from easyref.encoder import ReferenceEncoder, VisionBatching
 from easyref.errors import InvalidArgumentError, ModelFormatError, NonFiniteError, ShapeMismatchError, first_line
 from easyref.files import package_versions, read_json
-from easyref.hub import has_weights, resolve
+from easyref.hub import has_weights, is_single_file, parts_without_weights, resolve
 from easyref.images import image_sha256, load_references
 from easyref.prompting import ReferenceProcessor, unconditional_image
 from easyref.quantize import check_method, quantize_mllm
 from easyref.quiet import quiet_libraries, verbose_logging
 from easyref.release import OFFICIAL_NAME
-from easyref.single_file import config_in_use, is_single_file, load_single_file_base
+from easyref.single_file import check_base_config, config_in_use, load_single_file_base
 from easyref.weights import (
     ADAPTER_WEIGHTS,
     MLLM_WEIGHTS,
@@ -48,6 +48,9 @@ from easyref.weights import (
     read_safetensors,
     save_adapter,
 )
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionXLPipeline
 
 ReferenceInput = str | Path | Image.Image
 PARTS = ("base", "mllm", "adapter")
@@ -70,13 +73,14 @@ class EasyRefOutput:
     settings: dict[str, Any]
 
 
-def _model_parts(model: str | Path | None, base, mllm, adapter) -> dict[str, str | Path]:
+def _model_parts(model: str | Path | None, base, mllm, adapter, base_config=None) -> dict[str, str | Path]:
     given = {"base": base, "mllm": mllm, "adapter": adapter}
     if model is not None and str(model) == OFFICIAL_NAME and not Path(model).exists():
         from easyref.release import RELEASE_BASE, RELEASE_MLLM, official_parts
 
         # the release's adapter is fetched and converted only when no adapter is given
-        official = official_parts(base, mllm) if adapter is None else {"base": RELEASE_BASE, "mllm": RELEASE_MLLM}
+        official = official_parts(base, mllm, base_config) if adapter is None \
+            else {"base": RELEASE_BASE, "mllm": RELEASE_MLLM}
         return {part: given[part] if given[part] is not None else official[part] for part in PARTS}
     parts = {}
     for part in PARTS:
@@ -184,16 +188,15 @@ class EasyRefPipeline:
 
     # -- construction and persistence --------------------------------------------------------
     @staticmethod
-    def load_base(base: str | Path, torch_dtype: torch.dtype | None = None, config: str | Path | None = None):
+    def load_base(base: str | Path, torch_dtype: torch.dtype | None = None,
+                  base_config: str | Path | None = None) -> StableDiffusionXLPipeline:
         """SDXL from a diffusers folder or hub id, or from a single ``.safetensors`` file (a finetune as model
-        sites share it) with the pipeline configuration of ``config`` (default: SDXL base's)."""
+        sites share it) with the pipeline configuration of ``base_config`` (:mod:`easyref.single_file`)."""
         from diffusers import StableDiffusionXLPipeline
 
+        check_base_config(base, base_config)
         if is_single_file(base):
-            return load_single_file_base(base, config, torch_dtype)
-        if config is not None:
-            raise InvalidArgumentError(f"a base configuration ({config}) is only for a single-file base; the base "
-                                       f"{base} is a folder or hub id with its own")
+            return load_single_file_base(base, base_config, torch_dtype)
         folder = resolve(base, "base model", "pipeline")
         if not (folder / "model_index.json").is_file():
             raise ModelFormatError(f"base model {base} is not a diffusers pipeline folder (no model_index.json)")
@@ -202,10 +205,9 @@ class EasyRefPipeline:
             raise ModelFormatError(f"{folder}/model_index.json must hold a JSON object")
         for part, declared in index.items():
             _check_component(base, folder, part, declared)
-            sub = folder / part
-            # A model part (it has a config.json) without weights: name it, not the last file diffusers tried.
-            if (sub / "config.json").is_file() and not has_weights(sub):
-                raise ModelFormatError(f"base model {base}: {part}/ has no weights file (*.safetensors or *.bin)")
+        # A model part (it has a config.json) without weights: name it, not the last file diffusers tried.
+        for part in parts_without_weights(folder):
+            raise ModelFormatError(f"base model {base}: {part}/ has no weights file (*.safetensors or *.bin)")
         return StableDiffusionXLPipeline.from_pretrained(folder, dtype=torch_dtype)
 
     @staticmethod
@@ -229,6 +231,7 @@ class EasyRefPipeline:
         the UNet's to_k / to_v, as in the release.
         """
         with quiet_libraries(verbose_logging()):
+            check_base_config(None if hasattr(base, "unet") else base, base_config)
             sd = base if hasattr(base, "unet") else cls.load_base(base, torch_dtype, base_config)
             model, mllm_folder = cls.load_mllm(mllm, torch_dtype)
         config = EasyRefConfig(mllm_hidden_size=model.config.text_config.hidden_size,
@@ -247,8 +250,8 @@ class EasyRefPipeline:
         """Load from a model folder (``base/``, ``mllm/``, ``adapter/``) and/or one source per part.
 
         Each part is a local folder or a hub id; ``base`` may also be a single-file SDXL ``.safetensors``
-        checkpoint, configured by ``base_config`` (a diffusers folder or hub id; default: SDXL base's,
-        from the Hugging Face cache). ``torch_dtype`` is SDXL's precision (auto: float16 on
+        checkpoint, configured by ``base_config`` (a diffusers folder or hub id; default: SDXL base's, its
+        config files fetched when not cached). ``torch_dtype`` is SDXL's precision (auto: float16 on
         a GPU, float32 on CPU), ``mllm_dtype`` the MLLM's (auto: bfloat16 on CUDA, else float32; see
         :func:`easyref.devices.pick_mllm_dtype`); the reference tokens are cast to the UNet's dtype.
         ``load_mllm=False`` skips the MLLM: the pipeline then generates only from precomputed embeds.
@@ -266,7 +269,8 @@ class EasyRefPipeline:
                 raise InvalidArgumentError(f"offload={offload!r} lends a GPU one part at a time, but the device is "
                                            "the CPU; offload is for a GPU with too little memory for every part "
                                            "at once")
-        parts = _model_parts(model, base, mllm, adapter)
+        check_base_config(base, base_config)  # before a download or the release's conversion
+        parts = _model_parts(model, base, mllm, adapter, base_config)
         needed = ("adapter",) + (("base",) if load_base else ()) + (("mllm",) if load_mllm else ())
         for part in needed:
             if part not in parts:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from easyref.errors import HubUnavailableError, ModelFormatError, first_line
 from easyref.files import sha256_file
-from easyref.hub import refuse_if_offline, resolve
+from easyref.hub import is_single_file, refuse_if_offline, resolve
 
 OFFICIAL_NAME = "official"
 RELEASE_REPO = "zongzhuofan/EasyRef"
@@ -23,15 +23,14 @@ _PREFERRED_SUFFIXES = ((".safetensors",), (".pt", ".bin", ".pth"))  # safetensor
 CONVERTED_FOLDER = "easyref-converted"
 
 
-def official_parts(base: str | Path | None = None, mllm: str | Path | None = None) -> dict[str, Path]:
+def official_parts(base: str | Path | None = None, mllm: str | Path | None = None,
+                   base_config: str | Path | None = None) -> dict[str, Path]:
     """Local folders for the release's ``base``, ``mllm`` and converted ``adapter`` (given parts replace theirs).
 
-    A single-file ``base`` stays a file: it loads with SDXL base's configuration alone, so the release
-    base's weights are not fetched for it.
+    A single-file ``base`` stays a file: it loads with ``base_config`` (default: SDXL base's configuration
+    alone), so the release base's weights are not fetched for it.
     """
-    from easyref.single_file import is_single_file  # it names RELEASE_BASE as its default configuration
-
-    base_folder = Path(base) if base is not None and is_single_file(base) else \
+    base_folder = Path(base).expanduser() if base is not None and is_single_file(base) else \
         resolve(base or RELEASE_BASE, "base model", "pipeline")
     mllm_folder = resolve(mllm or RELEASE_MLLM, "MLLM", "model")
     checkpoint = release_checkpoint()
@@ -39,7 +38,8 @@ def official_parts(base: str | Path | None = None, mllm: str | Path | None = Non
     if not (adapter / "config.json").is_file():
         from easyref.official import import_official
 
-        import_official(checkpoint, adapter, base=base_folder, mllm=mllm_folder, overwrite=True)
+        import_official(checkpoint, adapter, base=base_folder, mllm=mllm_folder, base_config=base_config,
+                        overwrite=True)
     return {"base": base_folder, "mllm": mllm_folder, "adapter": adapter}
 
 

@@ -113,7 +113,11 @@ def add_commands(subparsers) -> None:
                     "image / both dropped 5% each, only the projection and to_k_ip / to_v_ip learn. Writes "
                     "OUTPUT/ip-adapter/ (ip-adapter_sdxl.safetensors + image_encoder/), which 'bench run --method "
                     "ip-adapter --ip-adapter OUTPUT/ip-adapter' loads; rerunning resumes from OUTPUT/work/.")
-    ipa.add_argument("--base", required=True, metavar="DIR_OR_ID", help="the SDXL base model")
+    ipa.add_argument("--base", required=True, metavar="DIR_ID_OR_FILE",
+                     help="the SDXL base model (a diffusers folder, a hub id or a single-file .safetensors)")
+    ipa.add_argument("--base-config", metavar="DIR_OR_ID",
+                     help="for a single-file --base: the diffusers folder or hub id that describes it "
+                          "(default: SDXL base's)")
     ipa.add_argument("--image-encoder", required=True, metavar="DIR_OR_ID",
                      help="CLIP image encoder (a CLIPVisionModelWithProjection or CLIPModel folder)")
     ipa.add_argument("--data", required=True, metavar="FILE.json", help="training records (the pairs are used)")
@@ -147,7 +151,7 @@ def cmd_train_ip_adapter(args: argparse.Namespace) -> int:
     settings = IPAdapterTraining(steps=args.max_steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
                                  resolution=args.resolution, seed=args.seed)
     folder = train_ip_adapter(args.base, args.image_encoder, args.data, args.output, settings,
-                              image_root=args.image_root, progress=not args.no_progress)
+                              image_root=args.image_root, progress=not args.no_progress, base_config=args.base_config)
     print(f"wrote {folder}; benchmark it with: easyref bench run --method ip-adapter --ip-adapter {folder} ...")
     return 0
 

@@ -59,8 +59,9 @@ def _pairs(data: Path, image_root: Path) -> list[tuple[Path, tuple[str, ...]]]:
 
 def train_ip_adapter(base: str | Path, image_encoder: str | Path, data: str | Path, output: str | Path,
                      settings: IPAdapterTraining | None = None, *, image_root: str | Path | None = None,
-                     progress: bool = True) -> Path:
-    """Train an IP-Adapter for ``base`` on the pairs in ``data`` and write ``output`` (weights + image_encoder/).
+                     progress: bool = True, base_config: str | Path | None = None) -> Path:
+    """Train an IP-Adapter for ``base`` on the pairs in ``data`` and write ``output`` (weights + image_encoder/);
+    ``base_config`` configures a single-file ``base``.
 
     ``output/work/`` keeps the checkpoint: rerunning the same call resumes.
     """
@@ -70,7 +71,7 @@ def train_ip_adapter(base: str | Path, image_encoder: str | Path, data: str | Pa
     data, output = Path(data), Path(output)
     pairs = _pairs(data, Path(image_root) if image_root is not None else data.parent)
     output.mkdir(parents=True, exist_ok=True)
-    pipe = load_plain_sdxl(base, "cpu", torch.float32)
+    pipe = load_plain_sdxl(base, "cpu", torch.float32, base_config)
     encoder = CLIPVisionModelWithProjection.from_pretrained(image_encoder).eval().requires_grad_(False)
     processor = clip_image_processor(encoder)
     unet = pipe.unet

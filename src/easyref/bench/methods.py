@@ -92,11 +92,11 @@ def _sample(pipe: Any, prompt: str, seed: int, num_images: int, sampling: Sampli
 
 
 def load_plain_sdxl(base: str | Path, device: str | torch.device | None = None,
-                    torch_dtype: str | torch.dtype | None = None, config: str | Path | None = None):
-    """A plain ``StableDiffusionXLPipeline`` (no EasyRef processors) for the baselines; ``config`` configures
-    a single-file ``base`` (:meth:`EasyRefPipeline.load_base`)."""
+                    torch_dtype: str | torch.dtype | None = None, base_config: str | Path | None = None):
+    """A plain ``StableDiffusionXLPipeline`` (no EasyRef processors) for the baselines; ``base_config``
+    configures a single-file ``base`` (:meth:`EasyRefPipeline.load_base`)."""
     target = pick_device(str(device) if device is not None else None)
-    pipe = EasyRefPipeline.load_base(base, pick_dtype(torch_dtype, target), config).to(target)
+    pipe = EasyRefPipeline.load_base(base, pick_dtype(torch_dtype, target), base_config).to(target)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -65,7 +65,7 @@ def _add_train(subparsers) -> None:
             "'easyref generate --adapter' loads. Under 'accelerate launch' the same command runs on many "
             "processes, GPUs or machines.", width=78, break_on_hyphens=False),
         epilog=TRAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
-        usage="%(prog)s --stage {align,single,multi} (--model DIR | --base DIR --mllm DIR)\n"
+        usage="%(prog)s --stage {align,single,multi} (--model DIR | --base DIR_OR_FILE --mllm DIR)\n"
               "       [--init ADAPTER] --data FILE.json [--image-root DIR] --output DIR [options]",
     )
     add_verbose(train)

@@ -14,6 +14,7 @@ from typing import Any
 
 from easyref.config import AGGREGATIONS, REFERENCE_ATTENTIONS
 from easyref.errors import InvalidArgumentError, ModelFormatError
+from easyref.single_file import check_base_config
 from easyref.training import stages
 
 # How a target becomes a training image: a centred or random square after resizing the short side, or
@@ -138,7 +139,7 @@ class TrainOptions:
                  if (value := getattr(self, name)) is not None}
         if self.image_root is None:
             paths["image_root"] = Path(self.data).expanduser().absolute().parent
-        for name in ("model", "base", "mllm"):  # local folders by absolute path, hub ids as given
+        for name in ("model", "base", "mllm", "base_config"):  # local paths made absolute, hub ids as given
             value = getattr(self, name)
             if value is not None and Path(value).expanduser().exists():
                 paths[name] = str(Path(value).expanduser().absolute())
@@ -164,6 +165,7 @@ class TrainOptions:
             raise InvalidArgumentError(f"{given} shape a new adapter; the --init adapter already fixes them")
         if self.model is None and (self.base is None or self.mllm is None):
             raise InvalidArgumentError("give --model DIR (holding base/ and mllm/) or both --base and --mllm")
+        check_base_config(self.base, self.base_config)
         if self.init is not None and not (Path(self.init) / "config.json").is_file():
             raise ModelFormatError(f"--init {self.init} is not an adapter folder (no config.json); "
                                    "pass RUN/adapter of the previous stage")
