@@ -35,10 +35,7 @@ def add_model_options(parser: argparse.ArgumentParser, adapter: bool = True) -> 
     group.add_argument("--base", metavar="DIR_ID_OR_FILE",
                        help="SDXL base model: a diffusers folder, a hub id, or a single-file SDXL checkpoint "
                             "(.safetensors, as model sites share finetunes); overrides MODEL/base")
-    group.add_argument("--base-config", metavar="DIR_OR_ID",
-                       help="for a single-file --base: the diffusers folder or hub id whose configs and tokenizers "
-                            f"describe it (default: {RELEASE_BASE}; only its small config files are downloaded when "
-                            "not cached, and a local folder works offline)")
+    add_base_config(group)
     group.add_argument("--mllm", metavar="DIR_OR_ID",
                        help="Qwen2-VL model (a transformers folder or hub id); overrides MODEL/mllm")
     if adapter:
@@ -46,6 +43,14 @@ def add_model_options(parser: argparse.ArgumentParser, adapter: bool = True) -> 
                            help="EasyRef adapter folder (config.json + model.safetensors); "
                                 "overrides MODEL/adapter")
     return group
+
+
+def add_base_config(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--base-config``, for every command whose ``--base`` may be a single-file checkpoint."""
+    parser.add_argument("--base-config", metavar="DIR_OR_ID",
+                        help="for a single-file --base: the diffusers folder or hub id whose configs and tokenizers "
+                             f"describe it (default: {RELEASE_BASE}; only its small config files are downloaded "
+                             "when not cached, and a local folder works offline)")
 
 
 def add_device_options(parser: argparse.ArgumentParser) -> None:

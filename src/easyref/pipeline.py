@@ -206,8 +206,9 @@ class EasyRefPipeline:
         for part, declared in index.items():
             _check_component(base, folder, part, declared)
         # A model part (it has a config.json) without weights: name it, not the last file diffusers tried.
-        for part in parts_without_weights(folder):
-            raise ModelFormatError(f"base model {base}: {part}/ has no weights file (*.safetensors or *.bin)")
+        missing = parts_without_weights(folder)
+        if missing:
+            raise ModelFormatError(f"base model {base}: {missing[0]}/ has no weights file (*.safetensors or *.bin)")
         return StableDiffusionXLPipeline.from_pretrained(folder, dtype=torch_dtype)
 
     @staticmethod
@@ -231,8 +232,11 @@ class EasyRefPipeline:
         the UNet's to_k / to_v, as in the release.
         """
         with quiet_libraries(verbose_logging()):
-            check_base_config(None if hasattr(base, "unet") else base, base_config)
-            sd = base if hasattr(base, "unet") else cls.load_base(base, torch_dtype, base_config)
+            if hasattr(base, "unet"):  # a loaded pipeline carries its own configuration
+                check_base_config(None, base_config)
+                sd = base
+            else:
+                sd = cls.load_base(base, torch_dtype, base_config)
             model, mllm_folder = cls.load_mllm(mllm, torch_dtype)
         config = EasyRefConfig(mllm_hidden_size=model.config.text_config.hidden_size,
                                cross_attention_dim=sd.unet.config.cross_attention_dim, **config_kwargs)

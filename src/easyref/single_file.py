@@ -95,10 +95,8 @@ def load_single_file_base(path: str | Path, base_config: str | Path | None = Non
     try:
         pipe = StableDiffusionXLPipeline.from_single_file(str(path), config=str(folder), torch_dtype=torch_dtype,
                                                           local_files_only=True)
-    except torch.OutOfMemoryError:
-        raise
     except (ValueError, KeyError, RuntimeError, OSError, SingleFileComponentError) as exc:
-        if "allocate" in str(exc):  # out of CPU memory: not a format problem
+        if isinstance(exc, torch.OutOfMemoryError) or "allocate" in str(exc):  # out of memory: not the format
             raise
         raise ModelFormatError(f"base model {path} does not load with the configuration of {source}: "
                                f"{first_line(exc)}") from None

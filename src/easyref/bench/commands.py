@@ -15,7 +15,7 @@ import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
 
-from easyref.cli_options import add_verbose
+from easyref.cli_options import add_base_config, add_verbose
 
 
 def _command(subparsers, name: str, handler, help: str, description: str) -> argparse.ArgumentParser:
@@ -115,9 +115,7 @@ def add_commands(subparsers) -> None:
                     "ip-adapter --ip-adapter OUTPUT/ip-adapter' loads; rerunning resumes from OUTPUT/work/.")
     ipa.add_argument("--base", required=True, metavar="DIR_ID_OR_FILE",
                      help="the SDXL base model (a diffusers folder, a hub id or a single-file .safetensors)")
-    ipa.add_argument("--base-config", metavar="DIR_OR_ID",
-                     help="for a single-file --base: the diffusers folder or hub id that describes it "
-                          "(default: SDXL base's)")
+    add_base_config(ipa)
     ipa.add_argument("--image-encoder", required=True, metavar="DIR_OR_ID",
                      help="CLIP image encoder (a CLIPVisionModelWithProjection or CLIPModel folder)")
     ipa.add_argument("--data", required=True, metavar="FILE.json", help="training records (the pairs are used)")

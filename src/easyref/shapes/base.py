@@ -93,8 +93,8 @@ class BaseSettings:
     # training never needed them), and a UNet under a frozen copy draws a confident but wrong shape. A second
     # phase trains both text encoders with the UNet: 1500 such steps after the frozen phase lift held-in prompt
     # accuracy 0.045 -> 0.21 and position 0.34 -> 0.76 (docs/SHAPESWORLD.md); trained from the first step
-    # instead, they lose position. 0 (no second phase) is the shipped model's recipe: the two-phase model has
-    # not yet passed the bundle's check on the example groups (docs/RESULTS.md, last section).
+    # instead, they lose position. 0 (no second phase) is the shipped model's recipe: the two-phase model
+    # finds less of the concept on the shipped example groups (docs/RESULTS.md, last section).
     joint_steps: int = 0
     joint_learning_rate: float = 3e-4
     joint_warmup_steps: int = 50
