@@ -8,11 +8,13 @@ from pathlib import Path
 import pytest
 
 from easyref.shapes import experiments, results
+from easyref.shapes.schedule import Step, run_steps
 
 
 @pytest.fixture()
 def commands(monkeypatch):
-    """Record the easyref commands instead of running them; a 'train' call leaves a finished adapter."""
+    """Record the easyref commands instead of running them; a training command leaves a finished model, a
+    benchmark run its folder."""
     calls = []
 
     def fake(args):
@@ -22,8 +24,12 @@ def commands(monkeypatch):
             adapter = Path(args[args.index("--output") + 1]) / "adapter"
             adapter.mkdir(parents=True)
             (adapter / "config.json").write_text("{}")
+        elif args[:2] == ["bench", "train-ip-adapter"]:
+            (Path(args[args.index("--output") + 1]) / "ip-adapter").mkdir(parents=True)
+        elif args[:2] == ["bench", "run"]:
+            Path(args[args.index("--output") + 1]).mkdir(parents=True, exist_ok=True)
 
-    monkeypatch.setattr(experiments, "easyref_command", fake)
+    monkeypatch.setattr(experiments, "command", fake)
     return calls
 
 
@@ -31,15 +37,22 @@ def _option(args, name):
     return args[args.index(name) + 1]
 
 
+def _run(tmp_path, methods, recipe, **options):
+    steps, runs = experiments.experiment_steps(tmp_path / "out", tmp_path / "world", tmp_path / "pre", recipe,
+                                               methods=methods, scaling=False, lora=False, **options)
+    pretraining = [Step(name, lambda: None) for name in options.get("after", ())]
+    run_steps(pretraining + steps, jobs=1, progress=False)
+    return steps, runs
+
+
 def test_variants_share_the_stages_before_their_own(commands, tmp_path):
     recipe = experiments.Recipe()
-    runs = tmp_path / "runs"
-    main = experiments.train_model("easyref", tmp_path / "world", tmp_path / "pre", runs, recipe)
-    average = experiments.train_model("easyref-average", tmp_path / "world", tmp_path / "pre", runs, recipe)
-    assert main == runs / "multi" / "adapter" and average == runs / "multi-average" / "adapter"
+    runs = tmp_path / "out" / "runs"
+    _, folders = _run(tmp_path, ("easyref", "easyref-average"), recipe)
+    trains = [c for c in commands if c[0] == "train"]
     # align, single and multi for EasyRef; only its own multi stage for the variant
-    assert [_option(c, "--stage") for c in commands] == ["align", "single", "multi", "multi"]
-    align, single, multi, variant = commands
+    assert [_option(c, "--stage") for c in trains] == ["align", "single", "multi", "multi"]
+    align, single, multi, variant = trains
     assert "--init" not in align and _option(align, "--num-reference-tokens") == str(recipe.reference_tokens)
     assert _option(single, "--init") == str(runs / "align" / "adapter")
     assert _option(multi, "--init") == _option(variant, "--init") == str(runs / "single" / "adapter")
@@ -47,17 +60,46 @@ def test_variants_share_the_stages_before_their_own(commands, tmp_path):
     assert _option(multi, "--max-steps") == str(recipe.multi.steps)
     assert _option(multi, "--data").endswith("stage3.json") and _option(single, "--data").endswith("stage2.json")
     assert "--lora-rank" not in align and _option(multi, "--lora-rank") == str(recipe.lora_rank)
+    benches = {_option(c, "--output"): _option(c, "--adapter") for c in commands if c[:2] == ["bench", "run"]}
+    assert benches == {str(folders["easyref"]): str(runs / "multi" / "adapter"),
+                       str(folders["easyref-average"]): str(runs / "multi-average" / "adapter")}
 
 
 def test_multi_only_starts_stage_multi_from_a_new_adapter(commands, tmp_path):
     """The progressive-training ablation: stage multi alone, from a new adapter, with EasyRef's shape."""
     recipe = experiments.Recipe()
-    adapter = experiments.train_model("easyref-multi-only", tmp_path / "world", tmp_path / "pre", tmp_path / "r",
-                                      recipe)
-    assert adapter == tmp_path / "r" / "multi-only" / "adapter"
-    (only,) = commands
+    _run(tmp_path, ("easyref-multi-only",), recipe)
+    (only,) = [c for c in commands if c[0] == "train"]
+    assert _option(only, "--output") == str(tmp_path / "out" / "runs" / "multi-only")
     assert _option(only, "--stage") == "multi" and "--init" not in only and "--skip-earlier-stages" in only
     assert _option(only, "--num-reference-tokens") == str(recipe.reference_tokens)
+
+
+def test_every_benchmark_waits_for_its_model_and_everything_for_the_pretraining(commands, tmp_path):
+    steps, _ = _run(tmp_path, experiments.BENCH_METHODS, experiments.Recipe(), after=("pretrain base",))
+    after = {step.name: step.after for step in steps}
+    assert after["train single"] == ("train align",)
+    for variant in ("multi", "multi-average", "multi-concat"):
+        assert after[f"train {variant}"] == ("train single",)
+    assert after["train multi-no-single"] == ("train align",)
+    for first in ("train align", "train multi-only", "train ip-adapter", "bench text-only"):
+        assert after[first] == ("pretrain base",)
+    assert after["bench easyref"] == ("train multi",) and after["bench ip-adapter"] == ("train ip-adapter",)
+    assert after["bench easyref-no-single"] == ("train multi-no-single",)
+    # each shared stage is trained once, and every benchmark run is scored with the judge and the encoders
+    stages = [_option(c, "--output") for c in commands if c[0] == "train"]
+    assert len(stages) == len(set(stages)) == 7
+    scored = [c[-1] for c in commands if c[:2] == ["shapes", "score"]]
+    assert sorted(scored) == sorted(c[-1] for c in commands if c[:2] == ["bench", "score"])
+    assert len(scored) == len(experiments.BENCH_METHODS)
+
+
+def test_a_finished_stage_is_not_trained_again(commands, tmp_path):
+    finished = tmp_path / "out" / "runs" / "align" / "adapter"
+    finished.mkdir(parents=True)
+    (finished / "config.json").write_text("{}")
+    _run(tmp_path, ("easyref",), experiments.Recipe())
+    assert [_option(c, "--stage") for c in commands if c[0] == "train"] == ["single", "multi"]
 
 
 def test_a_run_with_a_checkpoint_resumes_and_one_without_starts_over(commands, tmp_path):
@@ -129,3 +171,23 @@ def test_concept_share_gives_partial_credit_per_group(tmp_path):
     assert shares["held-in"]["mean"] == pytest.approx((1 / 3 + 1) / 2)
     assert shares["held-in"]["groups"] == 2
     assert shares["held-out"]["mean"] == pytest.approx(1 / 3)
+
+
+def test_the_cost_adds_up_every_invocation_and_each_steps_parts():
+    timings = {"wall_seconds": 5400.0, "runs": [
+        {"jobs": 2, "threads": 1, "wall_seconds": 3600.0, "steps": {"pretrain clip": 600.0},
+         "unfinished": {"pretrain base": 2900.0}},
+        {"jobs": 2, "threads": 1, "wall_seconds": 1800.0, "steps": {"pretrain base": 1600.0, "train align": 90.0}}]}
+    lines = results.cost_lines(timings)
+    assert lines[0].startswith("1.50 h of wall time (90 min) over 2 invocation(s)")
+    assert "2 step(s) at once, 1 torch thread(s) each." in lines[0]
+    assert [line for line in lines if line.startswith("| ") and "minutes" not in line] == [
+        "| pretrain clip | 10.0 | 1 |", "| pretrain base | 75.0 | 2 |", "| train align | 1.5 | 1 |"]
+
+
+def test_a_second_run_after_a_whole_one_runs_no_command(commands, tmp_path):
+    _run(tmp_path, ("easyref", "text-only", "ip-adapter"), experiments.Recipe())
+    assert {tuple(c[:2]) for c in commands} >= {("bench", "run"), ("shapes", "score"), ("bench", "score")}
+    commands.clear()
+    _run(tmp_path, ("easyref", "text-only", "ip-adapter"), experiments.Recipe())
+    assert commands == []

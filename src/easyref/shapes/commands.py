@@ -72,15 +72,19 @@ def add_commands(subparsers) -> None:
                           help="training steps per model (default: each model's full budget; small values are "
                                "for a quick check)")
     pretrain.add_argument("--seed", type=int, default=0, metavar="N", help="training seed (default: 0)")
+    pretrain.add_argument("--quick", action="store_true",
+                          help="a few training steps and a small evaluation, as 'shapes reproduce --quick' uses: "
+                               "checks that the step runs; the numbers mean nothing")
 
     reproduce = _command(
         commands, "reproduce", cmd_reproduce, help="everything, from nothing, in one resumable run",
-        description="Run every ShapesWorld step in order into OUTPUT: world/ (as 'shapes world'), pretrained/ (as "
-                    "'shapes pretrain all'), experiments/ (EasyRef's three stages, the aggregation and "
-                    "progressive-training ablations, the IP-Adapter, LoRA and text-only baselines, each trained "
-                    "with 'easyref train' or 'easyref bench train-ip-adapter' and benchmarked with 'easyref bench "
-                    "run'), RESULTS.md with images/, the float16 model shapesworld/ and summary.json with every "
-                    "measured number. Each finished step is skipped when the command is rerun, so an "
+        description="Run every ShapesWorld step into OUTPUT, several at once where one does not need another: "
+                    "world/ (as 'shapes world'), pretrained/ (as 'shapes pretrain all'), experiments/ (EasyRef's "
+                    "three stages, the aggregation and progressive-training ablations, the IP-Adapter, LoRA and "
+                    "text-only baselines, each trained with 'easyref train' or 'easyref bench train-ip-adapter' "
+                    "and benchmarked with 'easyref bench run'), RESULTS.md with images/, the float16 model "
+                    "shapesworld/, summary.json with every measured number and timings.json with the wall time "
+                    "of every run and step. Each finished step is skipped when the command is rerun, so an "
                     "interrupted run continues where it stopped.")
     reproduce.add_argument("output", metavar="OUTPUT", help="folder for everything (created if missing)")
     reproduce.add_argument("--quick", action="store_true",
@@ -89,6 +93,9 @@ def add_commands(subparsers) -> None:
     reproduce.add_argument("--part-one", action="store_true",
                            help="stop after the world and the pretrained models (no EasyRef training)")
     reproduce.add_argument("--seed", type=int, default=0, metavar="N", help="world and training seed (default: 0)")
+    reproduce.add_argument("--jobs", type=int, default=None, metavar="N",
+                           help="steps run at once, each in its own process with cores/N torch threads "
+                                "(default: one per core, at most 4); each step's output is in OUTPUT/logs/")
 
     examples = _command(
         commands, "examples", cmd_examples, help="write the example groups of the bundled model as image files",
@@ -130,21 +137,27 @@ def cmd_world(args: argparse.Namespace) -> int:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from easyref.errors import InvalidArgumentError
-    from easyref.shapes.reproduce import PRETRAIN_ORDER, pretrain_one
+    from easyref.shapes.reproduce import PRETRAIN_ORDER, QUICK_STEPS, pretrain_one
 
     if args.steps is not None and args.steps < 1:
         raise InvalidArgumentError(f"--steps must be at least 1, got {args.steps}")
+    if args.quick and args.steps is not None:
+        raise InvalidArgumentError("--quick sets its own number of steps; drop --steps or --quick")
     output = Path(args.output)
+    steps = QUICK_STEPS if args.quick else args.steps
     for name in PRETRAIN_ORDER if args.model == "all" else (args.model,):
-        summary = pretrain_one(name, output, args.steps, args.seed, progress=True)
+        summary = pretrain_one(name, output, steps, args.seed, progress=True, quick=args.quick)
         print(f"{name}: {json.dumps(summary, sort_keys=True)}")
     return 0
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
+    from easyref.errors import InvalidArgumentError
     from easyref.shapes.reproduce import SUMMARY, reproduce
 
-    reproduce(args.output, quick=args.quick, seed=args.seed, experiments=not args.part_one)
+    if args.jobs is not None and args.jobs < 1:
+        raise InvalidArgumentError(f"--jobs must be at least 1, got {args.jobs}")
+    reproduce(args.output, quick=args.quick, seed=args.seed, experiments=not args.part_one, jobs=args.jobs)
     print(f"done: every number is in {Path(args.output) / SUMMARY}")
     return 0
 

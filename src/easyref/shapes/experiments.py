@@ -3,12 +3,13 @@
 Every step is the command a user would type, run as a subprocess (``python -m easyref ...``):
 ``easyref train`` for EasyRef's three stages and the ablations, ``easyref bench train-ip-adapter``
 for the IP-Adapter baseline, ``easyref bench run`` / ``bench scaling`` for the benchmark. Each
-writes its own resumable folder, so an interrupted :func:`run_experiments` continues where it
+writes its own resumable folder, so an interrupted run of :func:`experiment_steps` continues where it
 stopped and never redoes finished work::
 
     OUT/runs/<model>/<stage>/      training runs (adapter/ when finished)
     OUT/runs/ip-adapter/           the IP-Adapter baseline
-    OUT/bench/<method>/            benchmark run folders, judged into judge.csv
+    OUT/bench/<method>/            benchmark run folders, judged into judge.csv, scores.csv
+                                   (scored.json once generated and scored in full)
 
 The recipe is the release's (trainable sets per stage, drop rates, truncation, constant learning
 rate, learning rates in the release's 5 : 2 : 1 ratio) scaled to the miniature: 64 px targets,
@@ -19,22 +20,18 @@ the models are ~1000x smaller (with gradients clipped at norm 1, which the relea
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import shutil
-import subprocess
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from easyref.errors import EasyRefError
-from easyref.files import atomic_write
+from easyref.files import atomic_write, write_json
+from easyref.shapes.schedule import Step, command
 
 BENCH_MANIFEST = "manifest.jsonl"
+SCORED = "scored.json"
 SCALING_MANIFEST = "manifest-all.jsonl"
-
-
-class ExperimentError(EasyRefError):
-    """A command of the ShapesWorld experiments failed; its own output says why."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,13 +83,6 @@ MODELS: dict[str, tuple[tuple[str, str, str], ...]] = {
 }
 
 
-def easyref_command(args: Sequence[str]) -> None:
-    """Run ``python -m easyref ARGS`` and raise :class:`ExperimentError` if it fails."""
-    command = [sys.executable, "-m", "easyref", *map(str, args)]
-    if subprocess.run(command, check=False).returncode != 0:
-        raise ExperimentError(f"command failed: {' '.join(command)}")
-
-
 def _fresh_or_resumed(run: Path) -> list[str]:
     """``--resume latest`` for a run folder with a checkpoint; a folder without one is started over."""
     if any(run.glob("checkpoint-*")):
@@ -122,18 +112,7 @@ def train_stage(stage: str, run: Path, data: Path, pretrained: Path, budget: Sta
         args += ["--init", init]
     if stage != "align":
         args += ["--lora-rank", recipe.lora_rank]
-    easyref_command(args + _fresh_or_resumed(run))
-    return adapter
-
-
-def train_model(name: str, world: Path, pretrained: Path, runs: Path, recipe: Recipe) -> Path:
-    """Train (or finish) every stage of model ``name`` of :data:`MODELS`; returns its final adapter."""
-    data = {"align": world / "train" / "stage1.json", "single": world / "train" / "stage2.json",
-            "multi": world / "train" / "stage3.json"}
-    adapter = None
-    for stage, folder, aggregation in MODELS[name]:
-        adapter = train_stage(stage, runs / folder, data[stage], pretrained, getattr(recipe, stage), recipe,
-                              init=adapter, aggregation=aggregation)
+    command(args + _fresh_or_resumed(run))
     return adapter
 
 
@@ -143,7 +122,7 @@ def train_ip_adapter(world: Path, pretrained: Path, runs: Path, recipe: Recipe) 
     weights = run / "ip-adapter"
     if not weights.is_dir():
         budget = recipe.ip_adapter
-        easyref_command(["bench", "train-ip-adapter", "--base", pretrained / "base", "--image-encoder",
+        command(["bench", "train-ip-adapter", "--base", pretrained / "base", "--image-encoder",
                          pretrained / "clip", "--data", world / "train" / "stage1.json", "--output", run,
                          "--max-steps", budget.steps, "--batch-size", budget.batch,
                          "--learning-rate", budget.learning_rate, "--resolution", recipe.resolution,
@@ -172,7 +151,7 @@ def bench_run(output: Path, manifest: Path, method: Sequence, recipe: Recipe, li
     args = ["bench", "run", "--bench", manifest, "--output", output, *method, *sampling_args(recipe)]
     if limit is not None:
         args += ["--limit", limit]
-    easyref_command(args)
+    command(args)
     return output
 
 
@@ -198,13 +177,17 @@ def subset_manifest(source: Path, target: Path, per_split_kind: int) -> Path:
     return target
 
 
-def score(run: Path, judge, pretrained: Path) -> None:
+def score(run: Path, pretrained: Path) -> None:
     """Judge every image of ``run`` (``judge.csv``) and add CLIP-I / CLIP-T / DINO-I computed with the
-    world's own encoders (``scores.csv``). Both are recomputed each time: cheap, and never stale."""
-    from easyref.shapes.scoring import score_run
+    world's own encoders (``scores.csv``)."""
+    command(["shapes", "score", "--judge", pretrained / "judge", run])
+    command(["bench", "score", "--clip", pretrained / "clip", "--dino", pretrained / "dino", run])
 
-    score_run(run, judge)
-    easyref_command(["bench", "score", "--clip", pretrained / "clip", "--dino", pretrained / "dino", run])
+
+def mark_scored(folder: Path) -> None:
+    """Mark a benchmark folder generated and scored in full: a rerun skips it (delete the mark to redo
+    the scores, e.g. after changing the judge)."""
+    write_json(folder / SCORED, {"scored": True})
 
 
 # Benchmark runs: method -> trained model (None for the baselines). Ordered by what matters most,
@@ -217,57 +200,115 @@ SCALING_GROUPS = 10   # per split and kind
 LORA_GROUPS = 3       # per split and kind: per-group LoRA tunes a model for every group
 
 
-def run_experiments(output: Path, world: Path, pretrained: Path, recipe: Recipe, *,
-                    methods: Sequence[str] = BENCH_METHODS, scaling: bool = True, lora: bool = True) -> dict:
-    """Train every model ``methods`` needs, benchmark and score them; returns run folders by name.
+def stage_runs(name: str, runs: Path) -> list[tuple[str, Path, Path | None, str]]:
+    """The training runs of model ``name`` of :data:`MODELS`: (stage, run folder, adapter it starts from,
+    aggregation) each. Variants name the same folders for the stages they share."""
+    stages, init = [], None
+    for stage, folder, aggregation in MODELS[name]:
+        stages.append((stage, runs / folder, init, aggregation))
+        init = runs / folder / "adapter"
+    return stages
+
+
+def _train_step_name(run: Path) -> str:
+    return f"train {run.name}"
+
+
+def experiment_steps(output: Path, world: Path, pretrained: Path, recipe: Recipe, *,
+                     methods: Sequence[str] = BENCH_METHODS, scaling: bool = True, lora: bool = True,
+                     after: Sequence[str] = ()) -> tuple[list[Step], dict[str, Path]]:
+    """The steps that train every model ``methods`` needs, benchmark and score them, all coming
+    ``after`` the given steps (the pretraining); and the run folders they fill, by name.
 
     ``OUT/bench/<method>`` runs the whole benchmark manifest (4 references per group);
     ``OUT/scaling/<method>`` the scaling subset at every size of :data:`SCALING_SIZES`;
     ``OUT/bench/lora`` per-group LoRA on a small subset (it trains for every group).
+    Steps are listed by what matters most and by the length of what waits on them, so the main
+    comparison comes first and the long training chain starts early.
     """
-    from easyref.shapes.judge import ShapesJudge
-    from easyref.shapes.scoring import score_run
-
-    judge = ShapesJudge.from_pretrained(pretrained / "judge")
     runs_dir, bench_dir = output / "runs", output / "bench"
     manifest = world / BENCH_MANIFEST
+    data = {"align": world / "train" / "stage1.json", "single": world / "train" / "stage2.json",
+            "multi": world / "train" / "stage3.json"}
+    after = tuple(after)
+    steps: dict[str, Step] = {}
     runs: dict[str, Path] = {}
-    ip_adapter = None
+
+    def train_steps(model: str) -> tuple[str, Path]:
+        """Add the training steps of ``model``; its last step's name and its final adapter."""
+        name, needs = "", after
+        for stage, run, init, aggregation in stage_runs(model, runs_dir):
+            name = _train_step_name(run)
+            steps.setdefault(name, Step(
+                name, functools.partial(train_stage, stage, run, data[stage], pretrained, getattr(recipe, stage),
+                                        recipe, init=init, aggregation=aggregation),
+                after=needs, done=(run / "adapter" / "config.json").is_file))
+            needs = (name,)
+        return name, run / "adapter"
+
+    def ip_adapter_step() -> tuple[str, Path]:
+        run = runs_dir / "ip-adapter"
+        name = _train_step_name(run)
+        steps.setdefault(name, Step(name, functools.partial(train_ip_adapter, world, pretrained, runs_dir, recipe),
+                                    after=after, done=(run / "ip-adapter").is_dir))
+        return name, run / "ip-adapter"
+
+    def bench_step(method: str, folder: Path, source: Path, args: list, needs: tuple[str, ...]) -> None:
+        def bench() -> None:
+            bench_run(folder, source, args, recipe)
+            score(folder, pretrained)
+            mark_scored(folder)
+        steps[f"bench {method}"] = Step(f"bench {method}", bench, after=needs, done=(folder / SCORED).is_file)
+        runs[method] = folder
+
     for method in methods:
         if method.startswith("easyref"):
-            adapter = train_model(method, world, pretrained, runs_dir, recipe)
-            args = method_args("easyref", pretrained, adapter=adapter)
+            trained, adapter = train_steps(method)
+            bench_step(method, bench_dir / method, manifest, method_args("easyref", pretrained, adapter=adapter),
+                       (trained,))
         elif method == "ip-adapter":
-            ip_adapter = train_ip_adapter(world, pretrained, runs_dir, recipe)
-            args = method_args("ip-adapter", pretrained, ip_adapter=ip_adapter)
+            trained, weights = ip_adapter_step()
+            bench_step(method, bench_dir / method, manifest,
+                       method_args("ip-adapter", pretrained, ip_adapter=weights), (trained,))
         else:
-            args = method_args(method, pretrained)
-        runs[method] = bench_run(bench_dir / method, manifest, args, recipe)
-        score(runs[method], judge, pretrained)
-    if lora:
-        subset = subset_manifest(manifest, world / "manifest-lora.jsonl", LORA_GROUPS)
-        runs["lora"] = bench_run(bench_dir / "lora", subset, method_args("lora", pretrained) + [
-            "--lora-resolution", recipe.resolution, "--lora-rank", recipe.lora_rank,
-            "--lora-steps", recipe.lora.steps, "--lora-lr", recipe.lora.learning_rate], recipe)
-        score(runs["lora"], judge, pretrained)
+            bench_step(method, bench_dir / method, manifest, method_args(method, pretrained), after)
     if scaling:
-        subset = subset_manifest(world / SCALING_MANIFEST, world / "manifest-scaling.jsonl", SCALING_GROUPS)
         rendered = json.loads((world / "world.json").read_text())["settings"]["test_references"]
         sizes = [size for size in SCALING_SIZES if size <= rendered]
         for method in SCALING_METHODS:
             if method == "easyref":
-                args = method_args("easyref", pretrained,
-                                   adapter=train_model("easyref", world, pretrained, runs_dir, recipe))
+                trained, adapter = train_steps("easyref")
+                args = method_args("easyref", pretrained, adapter=adapter)
             else:
-                args = method_args("ip-adapter", pretrained, ip_adapter=train_ip_adapter(world, pretrained,
-                                                                                        runs_dir, recipe))
+                trained, weights = ip_adapter_step()
+                args = method_args("ip-adapter", pretrained, ip_adapter=weights)
             folder = output / "scaling" / method
-            easyref_command(["bench", "scaling", "--bench", subset, "--output", folder, *args,
-                             *sampling_args(recipe), "--sizes", *sizes])
-            for size in sizes:
-                runs[f"scaling/{method}/{size}"] = folder / f"size-{size}"
-                score_run(folder / f"size-{size}", judge)  # the curves are the judge's only
-    return runs
+            steps[f"scaling {method}"] = Step(f"scaling {method}", functools.partial(
+                scaling_run, folder, world, args, recipe, sizes, pretrained), after=(trained,),
+                done=(folder / SCORED).is_file)
+            runs.update({f"scaling/{method}/{size}": folder / f"size-{size}" for size in sizes})
+    if lora:
+        lora_args = method_args("lora", pretrained) + [
+            "--lora-resolution", recipe.resolution, "--lora-rank", recipe.lora_rank,
+            "--lora-steps", recipe.lora.steps, "--lora-lr", recipe.lora.learning_rate]
+        bench_step("lora", bench_dir / "lora", world / "manifest-lora.jsonl", lora_args, after)
+    return list(steps.values()), runs
+
+
+def scaling_run(folder: Path, world: Path, method: Sequence, recipe: Recipe, sizes: Sequence[int],
+                pretrained: Path) -> None:
+    """``easyref bench scaling`` on the scaling subset, every size judged (the curves are the judge's only)."""
+    subset = world / "manifest-scaling.jsonl"
+    command(["bench", "scaling", "--bench", subset, "--output", folder, *method, *sampling_args(recipe),
+                     "--sizes", *sizes])
+    command(["shapes", "score", "--judge", pretrained / "judge", *(folder / f"size-{n}" for n in sizes)])
+    mark_scored(folder)
+
+
+def write_subsets(world: Path) -> None:
+    """The scaling and per-group LoRA subsets of the benchmark, beside its manifests."""
+    subset_manifest(world / SCALING_MANIFEST, world / "manifest-scaling.jsonl", SCALING_GROUPS)
+    subset_manifest(world / BENCH_MANIFEST, world / "manifest-lora.jsonl", LORA_GROUPS)
 
 
 def export_model(pretrained: Path, adapter: Path, folder: Path) -> Path:

@@ -1,11 +1,15 @@
 """Everything ShapesWorld measures, from nothing, in one resumable run.
 
-``easyref shapes reproduce OUTPUT`` runs these steps in order; each leaves a ``done.json`` with
-its numbers, so an interrupted run continues where it stopped and a finished step is never
-redone::
+``easyref shapes reproduce OUTPUT`` runs these steps, several at once where one does not need
+another; each finished step leaves its model or run folder complete (the pretrained models a
+``done.json`` with their numbers), so an interrupted run continues where it stopped and a finished
+step is never redone::
 
     OUTPUT/world/          the world (training records, held-in / held-out benchmark)
     OUTPUT/pretrained/     judge, clip, dino, base, mllm (+ work/ with checkpoints and logs)
+    OUTPUT/experiments/    EasyRef's stages, ablations and baselines, trained and benchmarked
+    OUTPUT/logs/           each step's output
+    OUTPUT/timings.json    the wall time of every invocation and step
     OUTPUT/summary.json    every number, for docs/SHAPESWORLD.md
 
 ``quick=True`` shrinks every training budget to a few steps and every evaluation to a handful of
@@ -14,15 +18,18 @@ items: the same code paths, for checking an installation, with numbers that mean
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
 from easyref.files import write_json
 from easyref.shapes.export import WorldSettings, write_world
+from easyref.shapes.schedule import Step, command, default_jobs, run_steps
 
 PRETRAIN_ORDER = ("judge", "clip", "dino", "base", "mllm")
 DONE = "done.json"
 SUMMARY = "summary.json"
+TIMINGS = "timings.json"
 QUICK_WORLD = WorldSettings(pairs=16, crops=8, groups=8, train_references=3, held_in=4, held_out=6,
                             test_references=4, manifest_references=2)
 QUICK_STEPS = 4
@@ -75,41 +82,66 @@ def pretrain_one(name: str, output: Path, steps: int | None, seed: int, progress
     return summary
 
 
+def pretrain_steps(output: Path, seed: int, quick: bool) -> list[Step]:
+    """One ``easyref shapes pretrain NAME`` step per model, listed longest chain first: the base model
+    waits for the CLIP (its text encoders) and the judge (its evaluation)."""
+    needs = {"base": ("pretrain clip", "pretrain judge")}
+    steps = []
+    for name in ("clip", "judge", "base", "mllm", "dino"):
+        args = ["shapes", "pretrain", name, output, "--seed", seed] + (["--quick"] if quick else [])
+        steps.append(Step(f"pretrain {name}", functools.partial(command, args), after=needs.get(name, ()),
+                          done=(output / "work" / name / DONE).is_file))
+    return steps
+
+
 def reproduce(output: str | Path, *, quick: bool = False, seed: int = 0, progress: bool = True,
-              experiments: bool = True) -> dict:
+              experiments: bool = True, jobs: int | None = None) -> dict:
     """Write the world, pretrain every model, train and benchmark EasyRef and its baselines, and
     collect every number: ``OUTPUT/summary.json``, ``OUTPUT/RESULTS.md`` (with ``OUTPUT/images/``)
-    and the bundle-ready model ``OUTPUT/shapesworld/``. ``experiments=False`` stops after part 1."""
+    and the bundle-ready model ``OUTPUT/shapesworld/``. ``experiments=False`` stops after part 1.
+
+    After the world, every step is an ``easyref`` command in its own process, ``jobs`` at a time
+    (default: one per core, at most 4), with its output in ``OUTPUT/logs/``; ``OUTPUT/timings.json``
+    adds up the wall time of every invocation."""
     from easyref.shapes.figures import example_groups_figure
 
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     world = write_world(output / "world", QUICK_WORLD if quick else WorldSettings(seed=seed), progress=progress)
-    steps = QUICK_STEPS if quick else None
-    models = {name: pretrain_one(name, output / "pretrained", steps, seed, progress, quick) for name in PRETRAIN_ORDER}
+    pretrained = output / "pretrained"
+    steps = pretrain_steps(pretrained, seed, quick)
+    if experiments:
+        from easyref.shapes.experiments import Recipe, experiment_steps, write_subsets
+
+        recipe = Recipe(seed=seed).quick() if quick else Recipe(seed=seed)
+        write_subsets(output / "world")
+        part_two, runs = experiment_steps(output / "experiments", output / "world", pretrained, recipe,
+                                          after=[step.name for step in steps])
+        steps += part_two
+    run_steps(steps, jobs=jobs or default_jobs(), logs=output / "logs", timings=output / TIMINGS, progress=progress)
+    models = {name: json.loads((pretrained / "work" / name / DONE).read_text()) for name in PRETRAIN_ORDER}
     example_groups_figure(output / "shapesworld-groups.png", seed=seed)
     summary = {"quick": quick, "seed": seed, "world": world, "pretrained": models}
     if experiments:
-        summary["experiments"] = run_part_two(output, quick, seed)
+        summary["experiments"] = report_part_two(output, runs, recipe, quick, seed)
     write_json(output / SUMMARY, summary)
     return summary
 
 
-def run_part_two(output: Path, quick: bool, seed: int) -> dict:
-    """EasyRef's stages, ablations and baselines; RESULTS.md; the exported model."""
-    from easyref.shapes.experiments import Recipe, export_model, run_experiments
+def report_part_two(output: Path, runs: dict[str, Path], recipe, quick: bool, seed: int) -> dict:
+    """RESULTS.md and its figures from the finished runs; the exported model."""
+    from easyref.shapes.experiments import export_model
     from easyref.shapes.mllm import COND_IMAGE_SIZE, MERGE_SIZE, PATCH_SIZE
     from easyref.shapes.results import EXAMPLES_FIGURE, examples_figure, write_results
 
-    recipe = Recipe(seed=seed).quick() if quick else Recipe(seed=seed)
-    world, pretrained = output / "world", output / "pretrained"
-    runs = run_experiments(output / "experiments", world, pretrained, recipe)
+    pretrained, world = output / "pretrained", output / "world"
     per_image = (COND_IMAGE_SIZE // (PATCH_SIZE * MERGE_SIZE)) ** 2
     references = json.loads((world / "world.json").read_text())["settings"]["manifest_references"]
     tokens = {"easyref": str(recipe.reference_tokens), "easyref-average": str(recipe.reference_tokens),
               "easyref-concat": f"{references * per_image} ({references} x {per_image})"}
-    command = f"easyref shapes reproduce OUTPUT{' --quick' if quick else ''} --seed {seed}"
+    command_line = f"easyref shapes reproduce OUTPUT{' --quick' if quick else ''} --seed {seed}"
     export_model(pretrained, output / "experiments" / "runs" / "multi" / "adapter", output / "shapesworld")
     examples_figure(output / "shapesworld", output / "images" / EXAMPLES_FIGURE)
-    write_results(runs, output / "RESULTS.md", output / "images", command=command, tokens=tokens)
+    write_results(runs, output / "RESULTS.md", output / "images", command=command_line, tokens=tokens,
+                  timings=json.loads((output / TIMINGS).read_text()))
     return {name: str(run) for name, run in runs.items()}

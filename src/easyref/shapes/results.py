@@ -231,8 +231,28 @@ def targets(summaries: dict, curves: dict) -> list[str]:
     return lines
 
 
+def cost_lines(timings: dict) -> list[str]:
+    """What the run cost, from ``timings.json`` (:func:`easyref.shapes.schedule.run_steps`): the wall time
+    of every invocation added up, and each step's minutes over all the invocations it ran in."""
+    runs = timings["runs"]
+    total = timings["wall_seconds"]
+    settings = sorted({(run["jobs"], run["threads"]) for run in runs})
+    minutes: dict[str, float] = {}
+    invocations: dict[str, int] = {}
+    for run in runs:
+        for name, seconds in {**run["steps"], **run.get("unfinished", {})}.items():
+            minutes[name] = minutes.get(name, 0.0) + seconds / 60
+            invocations[name] = invocations.get(name, 0) + 1
+    lines = [f"{total / 3600:.2f} h of wall time ({total / 60:.0f} min) over {len(runs)} invocation(s), the world "
+             "excepted, with " + "; ".join(f"{jobs} step(s) at once, {threads} torch thread(s) each"
+                                           for jobs, threads in settings) + ".",
+             "Steps run side by side, so their minutes add up to more than the wall time.", "",
+             "| step | minutes | invocations |", "|---|---|---|"]
+    return lines + [f"| {name} | {value:.1f} | {invocations[name]} |" for name, value in minutes.items()]
+
+
 def write_results(runs: dict[str, Path], document: Path, figures: Path, *, command: str, notes: Sequence[str] = (),
-                  tokens: dict[str, str] | None = None) -> Path:
+                  tokens: dict[str, str] | None = None, timings: dict | None = None) -> Path:
     """Write ``document`` (markdown) and its PNGs into ``figures`` from the scored run folders."""
     figures.mkdir(parents=True, exist_ok=True)
     summaries = {name: run_summary(run) for name, run in runs.items() if not name.startswith("scaling/")}
@@ -282,6 +302,8 @@ def write_results(runs: dict[str, Path], document: Path, figures: Path, *, comma
                   "What `easyref generate --model OUTPUT/shapesworld --example NAME` makes (seed 0, 30 steps) for",
                   "every example group (`easyref shapes examples`):", "",
                   f"![references, then the exported model's image]({figures.name}/{EXAMPLES_FIGURE})", ""]
+    if timings:
+        lines += ["## What it cost", "", *cost_lines(timings), ""]
     return atomic_write(document, lambda tmp: tmp.write_text("\n".join(lines)))
 
 
