@@ -118,6 +118,11 @@ class _Run:
         self.record = {"started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                        "jobs": jobs, "threads": self.threads}
 
+    def say(self, message: str) -> None:
+        """A line above the bar; nothing when the bar is off (``progress=False``)."""
+        if not self.bar.disable:
+            self.bar.write(message)
+
     def log(self, name: str) -> Path | None:
         return self.logs / _log_name(name) if self.logs is not None else None
 
@@ -158,7 +163,7 @@ class _Run:
                     ready = sorted(set(ready) | set(graph.get_ready()), key=self.order.__getitem__)
                     continue
                 log = self.log(name)
-                self.bar.write(f"{name}: started" + (f" (output: {log})" if log is not None else ""))
+                self.say(f"{name}: started" + (f" (output: {log})" if log is not None else ""))
                 self.started[name] = time.monotonic()
                 self.save()
                 running[pool.submit(self.execute, name)] = name
@@ -176,10 +181,10 @@ class _Run:
         if error is not None:
             self.failed[name] = str(error) if isinstance(error, EasyRefError) else f"{type(error).__name__}: {error}"
             tail = _tail(self.log(name)) if self.logs is not None else ""
-            self.bar.write(f"{name} failed: {self.failed[name]}" + (f"\n{tail}" if tail else ""))
+            self.say(f"{name} failed: {self.failed[name]}" + (f"\n{tail}" if tail else ""))
             return
         self.seconds[name] = time.monotonic() - self.started[name]
-        self.bar.write(f"{name}: finished in {self.seconds[name] / 60:.1f} min")
+        self.say(f"{name}: finished in {self.seconds[name] / 60:.1f} min")
         graph.done(name)
 
 
