@@ -26,7 +26,7 @@ def commands(monkeypatch):
             (adapter / "config.json").write_text("{}")
         elif args[:2] == ["bench", "train-ip-adapter"]:
             (Path(args[args.index("--output") + 1]) / "ip-adapter").mkdir(parents=True)
-        elif args[:2] == ["bench", "run"]:
+        elif args[:2] in (["bench", "run"], ["bench", "scaling"]):
             Path(args[args.index("--output") + 1]).mkdir(parents=True, exist_ok=True)
 
     monkeypatch.setattr(experiments, "command", fake)
@@ -92,6 +92,24 @@ def test_every_benchmark_waits_for_its_model_and_everything_for_the_pretraining(
     scored = [c[-1] for c in commands if c[:2] == ["shapes", "score"]]
     assert sorted(scored) == sorted(c[-1] for c in commands if c[:2] == ["bench", "score"])
     assert len(scored) == len(experiments.BENCH_METHODS)
+
+
+def test_the_scaling_curves_and_per_group_lora_wait_for_what_they_use(commands, tmp_path):
+    (tmp_path / "world").mkdir()
+    (tmp_path / "world" / "world.json").write_text(json.dumps({"settings": {"test_references": 8}}))
+    steps, runs = experiments.experiment_steps(tmp_path / "out", tmp_path / "world", tmp_path / "pre",
+                                               experiments.Recipe(), after=("pretrain base",))
+    after = {step.name: step.after for step in steps}
+    assert after["scaling easyref"] == ("train multi",) and after["scaling ip-adapter"] == ("train ip-adapter",)
+    assert after["bench lora"] == ("pretrain base",)
+    run_steps([Step("pretrain base", lambda: None), *steps], jobs=1, progress=False)
+    (scaling,) = [c for c in commands if c[:2] == ["bench", "scaling"] and "easyref" in c[c.index("--method") + 1]]
+    assert scaling[scaling.index("--sizes") + 1:] == ["1", "2", "4", "8"]  # up to the references rendered
+    assert _option(scaling, "--adapter") == str(tmp_path / "out" / "runs" / "multi" / "adapter")
+    judged = [c for c in commands if c[:2] == ["shapes", "score"] and str(tmp_path / "out" / "scaling") in c[-1]]
+    assert {c[-1] for c in judged} == {str(runs[f"scaling/{m}/8"]) for m in experiments.SCALING_METHODS}
+    (lora,) = [c for c in commands if c[:2] == ["bench", "run"] and _option(c, "--method") == "lora"]
+    assert _option(lora, "--bench").endswith("manifest-lora.jsonl")
 
 
 def test_a_finished_stage_is_not_trained_again(commands, tmp_path):
@@ -173,16 +191,16 @@ def test_concept_share_gives_partial_credit_per_group(tmp_path):
     assert shares["held-out"]["mean"] == pytest.approx(1 / 3)
 
 
-def test_the_cost_adds_up_every_invocation_and_each_steps_parts():
+def test_the_cost_adds_up_every_invocation_and_each_steps_parts_failed_ones_included():
     timings = {"wall_seconds": 5400.0, "runs": [
         {"jobs": 2, "threads": 1, "wall_seconds": 3600.0, "steps": {"pretrain clip": 600.0},
-         "unfinished": {"pretrain base": 2900.0}},
+         "unfinished": {"pretrain base": 2900.0}, "failed": {"train align": 30.0}},
         {"jobs": 2, "threads": 1, "wall_seconds": 1800.0, "steps": {"pretrain base": 1600.0, "train align": 90.0}}]}
     lines = results.cost_lines(timings)
     assert lines[0].startswith("1.50 h of wall time (90 min) over 2 invocation(s)")
     assert "2 step(s) at once, 1 torch thread(s) each." in lines[0]
     assert [line for line in lines if line.startswith("| ") and "minutes" not in line] == [
-        "| pretrain clip | 10.0 | 1 |", "| pretrain base | 75.0 | 2 |", "| train align | 1.5 | 1 |"]
+        "| pretrain clip | 10.0 | 1 |", "| pretrain base | 75.0 | 2 |", "| train align | 2.0 | 2 |"]
 
 
 def test_a_second_run_after_a_whole_one_runs_no_command(commands, tmp_path):

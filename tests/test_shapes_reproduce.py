@@ -5,10 +5,12 @@ interruption does not waste. (Part two's steps have their own tests in test_shap
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
 
+from bench_helpers import fast_cpu_env
 from easyref.cli import main
 from easyref.shapes import reproduce as reproduce_module
 from easyref.shapes.reproduce import DONE, PRETRAIN_ORDER, QUICK_STEPS, SUMMARY, TIMINGS, reproduce
@@ -17,6 +19,15 @@ from easyref.shapes.reproduce import DONE, PRETRAIN_ORDER, QUICK_STEPS, SUMMARY,
 def _as_json(value):
     """What a value reads back as from a JSON file (tuples become lists)."""
     return json.loads(json.dumps(value))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_subprocesses(tmp_path_factory):
+    """Every pretraining command with conftest's fast CPU maths (flushed denormals), as in-process tests get."""
+    env = fast_cpu_env(tmp_path_factory.mktemp("fast-cpu"), dict(os.environ))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PYTHONPATH", env["PYTHONPATH"])
+        yield
 
 
 @pytest.fixture(scope="module")

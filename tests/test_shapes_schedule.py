@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import graphlib
 import json
+import os
+import signal
+import sys
 import threading
+import time
 
 import pytest
 
 from easyref.shapes import schedule
-from easyref.shapes.schedule import Step, StepError, command, run_steps
+from easyref.shapes.schedule import Step, StepError, command, run_process, run_steps
 
 
 def _recording(events: list, name: str, action=None):
@@ -77,12 +81,15 @@ def test_a_failed_step_stops_what_needs_it_and_lets_running_steps_finish(tmp_pat
         run_steps(steps, jobs=2, progress=False, timings=tmp_path / "timings.json")
     assert events == ["slow finished"]
     record = json.loads((tmp_path / "timings.json").read_text())["runs"][0]
-    assert record["failed"] == ["fails"] and list(record["steps"]) == ["slow"]
+    assert list(record["failed"]) == ["fails"] and record["failed"]["fails"] >= 0  # its time counts too
+    assert list(record["steps"]) == ["slow"]
 
 
 def test_bad_graphs_are_refused():
-    with pytest.raises(ValueError, match="unknown steps: missing"):
+    with pytest.raises(ValueError, match="unknown steps: 'a' needs 'missing'"):
         run_steps([Step("a", lambda: None, after=("missing",))], progress=False)
+    with pytest.raises(ValueError, match="step names must be unique: a"):
+        run_steps([Step("a", lambda: None), Step("b", lambda: None), Step("a", lambda: None)], progress=False)
     with pytest.raises(graphlib.CycleError):
         run_steps([Step("a", lambda: None, after=("b",)), Step("b", lambda: None, after=("a",))], progress=False)
     with pytest.raises(ValueError, match="jobs must be at least 1"):
@@ -96,7 +103,7 @@ def test_timings_add_up_every_invocation(tmp_path):
     data = json.loads(timings.read_text())
     assert [run["jobs"] for run in data["runs"]] == [1, 2]
     assert data["wall_seconds"] == pytest.approx(sum(run["wall_seconds"] for run in data["runs"]), abs=0.11)
-    assert all(set(run["steps"]) == {"a"} and run["failed"] == [] for run in data["runs"])
+    assert all(set(run["steps"]) == {"a"} and run["failed"] == {} for run in data["runs"])
 
 
 def test_a_commands_output_goes_to_its_steps_log(tmp_path):
@@ -111,9 +118,58 @@ def test_a_commands_output_goes_to_its_steps_log(tmp_path):
 
 def test_a_failed_command_names_its_log(tmp_path):
     logs = tmp_path / "logs"
-    with pytest.raises(StepError, match="exit 2.*no-such-command.*bad-step.log"):
+    with pytest.raises(StepError, match="bad step: 'easyref no-such-command' failed \\(exit 2\\); its output is in "
+                                        ".*bad-step.log"):
         run_steps([Step("bad step", lambda: command(["no-such-command"]))], logs=logs, progress=False)
     assert "invalid choice: 'no-such-command'" in (logs / "bad-step.log").read_text()
+
+
+def test_a_bug_in_a_step_leaves_its_traceback_in_the_log(tmp_path):
+    def broken():
+        return {}["missing"]
+
+    with pytest.raises(StepError, match="broken: KeyError: 'missing'"):
+        run_steps([Step("broken", broken)], logs=tmp_path, progress=False)
+    text = (tmp_path / "broken.log").read_text()
+    assert "Traceback" in text and 'return {}["missing"]' in text
+
+
+def test_a_termination_stops_the_running_commands_and_starts_no_more(tmp_path):
+    """SIGTERM (a session ending, a job scheduler) acts as Ctrl-C: the running command is stopped, the step
+    does not go on to its next command, and the times so far are kept."""
+    pid_file = tmp_path / "child.pid"
+    started = []
+
+    def long_step():
+        sleeper = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+        started.append("first")
+        try:
+            run_process([sys.executable, "-c", sleeper], name="sleeper")
+        finally:
+            run_process([sys.executable, "-c", "import time; time.sleep(60)"], name="second")
+            started.append("second")
+
+    def terminate_soon():
+        for _ in range(200):
+            if pid_file.is_file() and pid_file.read_text():
+                break
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    killer = threading.Thread(target=terminate_soon)
+    killer.start()
+    begin = time.monotonic()
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+        run_steps([Step("long", long_step)], progress=False, timings=tmp_path / "timings.json")
+    killer.join()
+    assert time.monotonic() - begin < 30
+    assert started == ["first"]
+    child = int(pid_file.read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)
+    record = json.loads((tmp_path / "timings.json").read_text())["runs"][-1]
+    assert "long" in record["unfinished"] or "long" in record["failed"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the caller's handler is back
 
 
 def test_each_step_gets_its_share_of_the_cores(monkeypatch):
@@ -127,7 +183,7 @@ def test_each_step_gets_its_share_of_the_cores(monkeypatch):
             return 0
 
     monkeypatch.setattr(schedule.subprocess, "Popen", FakeProcess)
-    monkeypatch.setattr(schedule.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(schedule, "cores", lambda: 4)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     run_steps([Step("a", lambda: command(["--version"]))], jobs=2, progress=False)
     run_steps([Step("a", lambda: command(["--version"]))], jobs=1, progress=False)

@@ -3,8 +3,8 @@
 Every step is the command a user would type, run as a subprocess (``python -m easyref ...``):
 ``easyref train`` for EasyRef's three stages and the ablations, ``easyref bench train-ip-adapter``
 for the IP-Adapter baseline, ``easyref bench run`` / ``bench scaling`` for the benchmark. Each
-writes its own resumable folder, so an interrupted run of :func:`experiment_steps` continues where it
-stopped and never redoes finished work::
+writes its own resumable folder, so when the steps of :func:`experiment_steps` are run again after an
+interruption they continue where they stopped and never redo finished work::
 
     OUT/runs/<model>/<stage>/      training runs (adapter/ when finished)
     OUT/runs/ip-adapter/           the IP-Adapter baseline
@@ -92,12 +92,21 @@ def _fresh_or_resumed(run: Path) -> list[str]:
     return []
 
 
+def stage_trained(run: Path) -> bool:
+    """Has the ``easyref train`` run in ``run`` written its final adapter?"""
+    return (run / "adapter" / "config.json").is_file()
+
+
+def ip_adapter_trained(run: Path) -> bool:
+    """Has ``easyref bench train-ip-adapter`` into ``run`` written its final weights?"""
+    return (run / "ip-adapter").is_dir()
+
+
 def train_stage(stage: str, run: Path, data: Path, pretrained: Path, budget: StageBudget, recipe: Recipe, *,
-                init: Path | None = None, aggregation: str = "tokens") -> Path:
-    """One ``easyref train`` run into ``run`` (skipped when ``run/adapter`` exists); returns the adapter."""
-    adapter = run / "adapter"
-    if (adapter / "config.json").is_file():
-        return adapter
+                init: Path | None = None, aggregation: str = "tokens") -> None:
+    """One ``easyref train`` run into ``run`` (its final adapter: ``run/adapter``); skipped when trained."""
+    if stage_trained(run):
+        return
     args = ["train", "--stage", stage, "--base", pretrained / "base", "--mllm", pretrained / "mllm",
             "--data", data, "--output", run, "--resolution", recipe.resolution,
             "--max-steps", budget.steps, "--batch-size", budget.batch, "--gradient-accumulation-steps", 1,
@@ -113,21 +122,18 @@ def train_stage(stage: str, run: Path, data: Path, pretrained: Path, budget: Sta
     if stage != "align":
         args += ["--lora-rank", recipe.lora_rank]
     command(args + _fresh_or_resumed(run))
-    return adapter
 
 
-def train_ip_adapter(world: Path, pretrained: Path, runs: Path, recipe: Recipe) -> Path:
-    """The IP-Adapter baseline on the same image-caption pairs, image encoder = the world CLIP."""
-    run = runs / "ip-adapter"
-    weights = run / "ip-adapter"
-    if not weights.is_dir():
-        budget = recipe.ip_adapter
-        command(["bench", "train-ip-adapter", "--base", pretrained / "base", "--image-encoder",
-                         pretrained / "clip", "--data", world / "train" / "stage1.json", "--output", run,
-                         "--max-steps", budget.steps, "--batch-size", budget.batch,
-                         "--learning-rate", budget.learning_rate, "--resolution", recipe.resolution,
-                         "--seed", recipe.seed])
-    return weights
+def train_ip_adapter(world: Path, pretrained: Path, run: Path, recipe: Recipe) -> None:
+    """The IP-Adapter baseline on the same image-caption pairs, image encoder = the world CLIP, into
+    ``run`` (its weights: ``run/ip-adapter``); skipped when trained."""
+    if ip_adapter_trained(run):
+        return
+    budget = recipe.ip_adapter
+    command(["bench", "train-ip-adapter", "--base", pretrained / "base", "--image-encoder", pretrained / "clip",
+             "--data", world / "train" / "stage1.json", "--output", run, "--max-steps", budget.steps,
+             "--batch-size", budget.batch, "--learning-rate", budget.learning_rate,
+             "--resolution", recipe.resolution, "--seed", recipe.seed])
 
 
 def sampling_args(recipe: Recipe) -> list:
@@ -146,13 +152,9 @@ def method_args(method: str, pretrained: Path, *, adapter: Path | None = None,
     return args
 
 
-def bench_run(output: Path, manifest: Path, method: Sequence, recipe: Recipe, limit: int | None = None) -> Path:
+def bench_run(output: Path, manifest: Path, method: Sequence, recipe: Recipe) -> None:
     """``easyref bench run`` into ``output`` (resumes; finished groups are kept)."""
-    args = ["bench", "run", "--bench", manifest, "--output", output, *method, *sampling_args(recipe)]
-    if limit is not None:
-        args += ["--limit", limit]
-    command(args)
-    return output
+    command(["bench", "run", "--bench", manifest, "--output", output, *method, *sampling_args(recipe)])
 
 
 def subset_manifest(source: Path, target: Path, per_split_kind: int) -> Path:
@@ -242,15 +244,15 @@ def experiment_steps(output: Path, world: Path, pretrained: Path, recipe: Recipe
             steps.setdefault(name, Step(
                 name, functools.partial(train_stage, stage, run, data[stage], pretrained, getattr(recipe, stage),
                                         recipe, init=init, aggregation=aggregation),
-                after=needs, done=(run / "adapter" / "config.json").is_file))
+                after=needs, done=functools.partial(stage_trained, run)))
             needs = (name,)
         return name, run / "adapter"
 
     def ip_adapter_step() -> tuple[str, Path]:
         run = runs_dir / "ip-adapter"
         name = _train_step_name(run)
-        steps.setdefault(name, Step(name, functools.partial(train_ip_adapter, world, pretrained, runs_dir, recipe),
-                                    after=after, done=(run / "ip-adapter").is_dir))
+        steps.setdefault(name, Step(name, functools.partial(train_ip_adapter, world, pretrained, run, recipe),
+                                    after=after, done=functools.partial(ip_adapter_trained, run)))
         return name, run / "ip-adapter"
 
     def bench_step(method: str, folder: Path, source: Path, args: list, needs: tuple[str, ...]) -> None:
@@ -300,7 +302,7 @@ def scaling_run(folder: Path, world: Path, method: Sequence, recipe: Recipe, siz
     """``easyref bench scaling`` on the scaling subset, every size judged (the curves are the judge's only)."""
     subset = world / "manifest-scaling.jsonl"
     command(["bench", "scaling", "--bench", subset, "--output", folder, *method, *sampling_args(recipe),
-                     "--sizes", *sizes])
+             "--sizes", *sizes])
     command(["shapes", "score", "--judge", pretrained / "judge", *(folder / f"size-{n}" for n in sizes)])
     mark_scored(folder)
 

@@ -21,10 +21,14 @@ from __future__ import annotations
 import functools
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from easyref.files import write_json
 from easyref.shapes.export import WorldSettings, write_world
 from easyref.shapes.schedule import Step, command, default_jobs, run_steps
+
+if TYPE_CHECKING:
+    from easyref.shapes.experiments import Recipe
 
 PRETRAIN_ORDER = ("judge", "clip", "dino", "base", "mllm")
 DONE = "done.json"
@@ -118,7 +122,8 @@ def reproduce(output: str | Path, *, quick: bool = False, seed: int = 0, progres
         part_two, runs = experiment_steps(output / "experiments", output / "world", pretrained, recipe,
                                           after=[step.name for step in steps])
         steps += part_two
-    run_steps(steps, jobs=jobs or default_jobs(), logs=output / "logs", timings=output / TIMINGS, progress=progress)
+    run_steps(steps, jobs=default_jobs() if jobs is None else jobs, logs=output / "logs", timings=output / TIMINGS,
+              progress=progress)
     models = {name: json.loads((pretrained / "work" / name / DONE).read_text()) for name in PRETRAIN_ORDER}
     example_groups_figure(output / "shapesworld-groups.png", seed=seed)
     summary = {"quick": quick, "seed": seed, "world": world, "pretrained": models}
@@ -128,7 +133,7 @@ def reproduce(output: str | Path, *, quick: bool = False, seed: int = 0, progres
     return summary
 
 
-def report_part_two(output: Path, runs: dict[str, Path], recipe, quick: bool, seed: int) -> dict:
+def report_part_two(output: Path, runs: dict[str, Path], recipe: Recipe, quick: bool, seed: int) -> dict:
     """RESULTS.md and its figures from the finished runs; the exported model."""
     from easyref.shapes.experiments import export_model
     from easyref.shapes.mllm import COND_IMAGE_SIZE, MERGE_SIZE, PATCH_SIZE

@@ -1,6 +1,6 @@
 """docs/RESULTS.md from the ShapesWorld experiments: the paper's tables and figures, measured.
 
-Every number is read from the run folders :func:`easyref.shapes.experiments.run_experiments`
+Every number is read from the run folders the steps of :func:`easyref.shapes.experiments.experiment_steps`
 wrote (``judge.csv`` for the judge's exact metrics, ``scores.csv`` for CLIP-I / CLIP-T / DINO-I),
 with group-bootstrap 95% intervals; the targets of the issue are checked against them here, so
 the document says "missed" by itself when a number falls short.
@@ -233,21 +233,24 @@ def targets(summaries: dict, curves: dict) -> list[str]:
 
 def cost_lines(timings: dict) -> list[str]:
     """What the run cost, from ``timings.json`` (:func:`easyref.shapes.schedule.run_steps`): the wall time
-    of every invocation added up, and each step's minutes over all the invocations it ran in."""
+    of every invocation added up, and each step's minutes over all the invocations it ran in, failed and
+    interrupted attempts included."""
     runs = timings["runs"]
     total = timings["wall_seconds"]
     settings = sorted({(run["jobs"], run["threads"]) for run in runs})
     minutes: dict[str, float] = {}
     invocations: dict[str, int] = {}
     for run in runs:
-        for name, seconds in {**run["steps"], **run.get("unfinished", {})}.items():
-            minutes[name] = minutes.get(name, 0.0) + seconds / 60
-            invocations[name] = invocations.get(name, 0) + 1
-    lines = [f"{total / 3600:.2f} h of wall time ({total / 60:.0f} min) over {len(runs)} invocation(s), the world "
-             "excepted, with " + "; ".join(f"{jobs} step(s) at once, {threads} torch thread(s) each"
-                                           for jobs, threads in settings) + ".",
-             "Steps run side by side, so their minutes add up to more than the wall time.", "",
-             "| step | minutes | invocations |", "|---|---|---|"]
+        failed = run.get("failed") if isinstance(run.get("failed"), dict) else {}  # early files: names only
+        for part in (run["steps"], run.get("unfinished", {}), failed):
+            for name, seconds in part.items():
+                minutes[name] = minutes.get(name, 0.0) + seconds / 60
+                invocations[name] = invocations.get(name, 0) + 1
+    lines = [f"{total / 3600:.2f} h of wall time ({total / 60:.0f} min) over {len(runs)} invocation(s) of the "
+             "steps (writing the world before them and the report after them take a few minutes more), with "
+             + "; ".join(f"{jobs} step(s) at once, {threads} torch thread(s) each" for jobs, threads in settings)
+             + ". Steps that ran side by side overlap, so their minutes can add up to more than the wall time.",
+             "", "| step | minutes | invocations |", "|---|---|---|"]
     return lines + [f"| {name} | {value:.1f} | {invocations[name]} |" for name, value in minutes.items()]
 
 

@@ -16,11 +16,13 @@ import dataclasses
 import datetime
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+import traceback
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from graphlib import TopologicalSorter
 from pathlib import Path
@@ -46,22 +48,30 @@ class Step:
     done: Callable[[], bool] = lambda: False
 
 
-_current = threading.local()   # the running step's log file and thread count, for command()
+_current = threading.local()   # the running step's log file and thread count, for run_process()
 _processes: set[subprocess.Popen] = set()
 _processes_lock = threading.Lock()
+_stopping = threading.Event()  # set on an interruption: no new process starts
+
+
+def cores() -> int:
+    """The cores this process may use (its CPU affinity, where the platform says; else all of them)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity is not None else os.cpu_count() or 1
 
 
 def default_jobs() -> int:
     """Steps run at once by default: one per core, at most four (ShapesWorld rarely has more steps ready at
     once, and each process holds 0.5-0.8 GB)."""
-    return max(1, min(4, os.cpu_count() or 1))
+    return max(1, min(4, cores()))
 
 
-def command(args: Sequence) -> None:
-    """Run ``python -m easyref ARGS``; inside a step its output goes to the step's log and torch uses the
-    step's threads. Raises :class:`StepError` if the command fails."""
-    argv = [sys.executable, "-m", "easyref", *map(str, args)]
-    env = dict(os.environ)
+def run_process(argv: Sequence[object], name: str) -> None:
+    """Run ``argv``; inside a step its output goes to the step's log (unbuffered, so the log is current) and
+    torch uses the step's threads. Raises :class:`StepError`, naming the command as ``name``, if it fails
+    or if the run is being stopped."""
+    argv = [str(arg) for arg in argv]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     threads = getattr(_current, "threads", None)
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
@@ -70,8 +80,11 @@ def command(args: Sequence) -> None:
         if out is not None:
             out.write(f"$ {' '.join(argv)}\n")
             out.flush()
-        process = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT if out is not None else None)
-        with _processes_lock:
+        with _processes_lock:  # no process may start once a stop has terminated the running ones
+            if _stopping.is_set():
+                raise StepError(f"{name}: not started, the run is stopping")
+            process = subprocess.Popen(argv, env=env, stdout=out,
+                                       stderr=subprocess.STDOUT if out is not None else None)
             _processes.add(process)
         try:
             code = process.wait()
@@ -80,7 +93,13 @@ def command(args: Sequence) -> None:
                 _processes.discard(process)
     if code != 0:
         where = f"; its output is in {log}" if log is not None else ""
-        raise StepError(f"command failed (exit {code}): {' '.join(argv)}{where}")
+        raise StepError(f"{name} failed (exit {code}){where}")
+
+
+def command(args: Sequence[object]) -> None:
+    """Run ``python -m easyref ARGS`` as :func:`run_process` does."""
+    args = [str(arg) for arg in args]
+    run_process([sys.executable, "-m", "easyref", *args], name=f"'easyref {' '.join(args[:2])}'")
 
 
 def _log_name(step: str) -> str:
@@ -95,9 +114,30 @@ def _tail(path: Path) -> str:
 
 def _stop_processes() -> None:
     with _processes_lock:
+        _stopping.set()
         running = list(_processes)
     for process in running:
         process.terminate()
+
+
+@contextlib.contextmanager
+def _terminations_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP (a closed terminal, a job scheduler, a session ending) stop the run as Ctrl-C
+    does, so the running commands are stopped too instead of running on as orphans."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    names = [name for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    previous = {name: signal.signal(getattr(signal, name), interrupt) for name in names}
+    try:
+        yield
+    finally:
+        for name, handler in previous.items():
+            signal.signal(getattr(signal, name), handler)
 
 
 class _Run:
@@ -110,11 +150,12 @@ class _Run:
         self.by_name = {step.name: step for step in steps}
         self.order = {name: index for index, name in enumerate(self.by_name)}
         self.jobs, self.logs, self.timings, self.bar = jobs, logs, timings, bar
-        self.threads = max(1, (os.cpu_count() or 1) // jobs)
+        self.threads = max(1, cores() // jobs)
         self.clock = time.monotonic()
         self.started: dict[str, float] = {}
         self.seconds: dict[str, float] = {}
         self.failed: dict[str, str] = {}
+        self.failed_seconds: dict[str, float] = {}
         self.earlier = json.loads(timings.read_text())["runs"] if timings is not None and timings.is_file() else []
         self.record = {"started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                        "jobs": jobs, "threads": self.threads}
@@ -136,7 +177,7 @@ class _Run:
                   "steps": {name: round(value, 1) for name, value in self.seconds.items()},
                   "unfinished": {name: round(now - start, 1) for name, start in self.started.items()
                                  if name not in self.seconds and name not in self.failed},
-                  "failed": sorted(self.failed)}
+                  "failed": {name: round(self.failed_seconds[name], 1) for name in self.failed}}
         runs = [*self.earlier, record]
         total = round(sum(run["wall_seconds"] for run in runs), 1)
         text = json.dumps({"wall_seconds": total, "runs": runs}, indent=2)
@@ -147,6 +188,12 @@ class _Run:
         _current.log, _current.threads = self.log(name), self.threads
         try:
             self.by_name[name].run()
+        except Exception as error:
+            log = self.log(name)
+            if log is not None and not isinstance(error, EasyRefError):  # a bug: its traceback, for the report
+                with open(log, "a") as out:
+                    out.write("".join(traceback.format_exception(error)))
+            raise
         finally:
             _current.log = _current.threads = None
 
@@ -181,6 +228,7 @@ class _Run:
         error = future.exception()
         if error is not None:
             self.failed[name] = str(error) if isinstance(error, EasyRefError) else f"{type(error).__name__}: {error}"
+            self.failed_seconds[name] = time.monotonic() - self.started[name]
             tail = _tail(self.log(name)) if self.logs is not None else ""
             self.say(f"{name} failed: {self.failed[name]}" + (f"\n{tail}" if tail else ""))
             return
@@ -196,25 +244,30 @@ def run_steps(steps: Sequence[Step], *, jobs: int = 1, logs: Path | None = None,
     Among the steps ready to start, the earlier in ``steps`` starts first, so list the long chains
     first. Each step's commands get ``cores // jobs`` torch threads. When a step fails, no new step
     starts, the running ones finish (their work is kept) and :class:`StepError` names the failed ones;
-    on an interruption the running commands are stopped (each resumes from its last checkpoint).
+    on an interruption (Ctrl-C, SIGTERM, SIGHUP) the running commands are stopped, none starts after,
+    and :class:`KeyboardInterrupt` is raised (each command resumes from its last checkpoint).
     ``timings`` (a JSON file) gains this invocation's wall time and step times.
     """
     from tqdm.auto import tqdm
 
     if jobs < 1:
         raise ValueError(f"jobs must be at least 1, got {jobs}")
-    names = {step.name for step in steps}
-    unknown = sorted({need for step in steps for need in step.after} - names)
+    names = [step.name for step in steps]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise ValueError(f"step names must be unique: {', '.join(twice)}")
+    unknown = [f"{step.name!r} needs {need!r}" for step in steps for need in step.after if need not in names]
     if unknown:
-        raise ValueError(f"steps need unknown steps: {', '.join(unknown)}")
+        raise ValueError(f"unknown steps: {'; '.join(unknown)}")
     graph = TopologicalSorter({step.name: step.after for step in steps})
     graph.prepare()  # raises graphlib.CycleError on a cycle
     if logs is not None:
         logs.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=len(steps), desc="steps", unit="step", disable=not progress)
     run = _Run(steps, jobs, logs, timings, bar)
+    _stopping.clear()
     try:
-        with ThreadPoolExecutor(max_workers=jobs) as pool:
+        with _terminations_interrupt(), ThreadPoolExecutor(max_workers=jobs) as pool:
             try:
                 run.schedule(pool, graph)
             except BaseException:
