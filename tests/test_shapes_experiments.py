@@ -40,7 +40,7 @@ def _option(args, name):
 def _run(tmp_path, methods, recipe, **options):
     steps, runs = experiments.experiment_steps(tmp_path / "out", tmp_path / "world", tmp_path / "pre", recipe,
                                                methods=methods, scaling=False, lora=False, **options)
-    pretraining = [Step(name, lambda: None) for name in options.get("after", ())]
+    pretraining = [Step(name, lambda: None) for name in options.get("made_by", {}).values()]
     run_steps(pretraining + steps, jobs=1, progress=False)
     return steps, runs
 
@@ -75,17 +75,20 @@ def test_multi_only_starts_stage_multi_from_a_new_adapter(commands, tmp_path):
     assert _option(only, "--num-reference-tokens") == str(recipe.reference_tokens)
 
 
-def test_every_benchmark_waits_for_its_model_and_everything_for_the_pretraining(commands, tmp_path):
-    steps, _ = _run(tmp_path, experiments.BENCH_METHODS, experiments.Recipe(), after=("pretrain base",))
-    after = {step.name: step.after for step in steps}
-    assert after["train single"] == ("train align",)
+def test_every_step_waits_for_the_models_it_uses_and_no_more(commands, tmp_path):
+    made_by = {model: f"make {model}" for model in ("judge", "clip", "dino", "base", "mllm")}
+    steps, _ = _run(tmp_path, experiments.BENCH_METHODS, experiments.Recipe(), made_by=made_by)
+    after = {step.name: set(step.after) for step in steps}
+    scoring = {"make judge", "make clip", "make dino"}
+    assert after["train align"] == after["train multi-only"] == {"make base", "make mllm"}
+    assert after["train ip-adapter"] == {"make base", "make clip"}
+    assert after["train single"] == {"train align"} and after["train multi-no-single"] == {"train align"}
     for variant in ("multi", "multi-average", "multi-concat"):
-        assert after[f"train {variant}"] == ("train single",)
-    assert after["train multi-no-single"] == ("train align",)
-    for first in ("train align", "train multi-only", "train ip-adapter", "bench text-only"):
-        assert after[first] == ("pretrain base",)
-    assert after["bench easyref"] == ("train multi",) and after["bench ip-adapter"] == ("train ip-adapter",)
-    assert after["bench easyref-no-single"] == ("train multi-no-single",)
+        assert after[f"train {variant}"] == {"train single"}
+    assert after["bench text-only"] == {"make base"} | scoring
+    assert after["bench easyref"] == {"train multi"} | scoring
+    assert after["bench ip-adapter"] == {"train ip-adapter"} | scoring
+    assert after["bench easyref-no-single"] == {"train multi-no-single"} | scoring
     # each shared stage is trained once, and every benchmark run is scored with the judge and the encoders
     stages = [_option(c, "--output") for c in commands if c[0] == "train"]
     assert len(stages) == len(set(stages)) == 7
@@ -97,12 +100,14 @@ def test_every_benchmark_waits_for_its_model_and_everything_for_the_pretraining(
 def test_the_scaling_curves_and_per_group_lora_wait_for_what_they_use(commands, tmp_path):
     (tmp_path / "world").mkdir()
     (tmp_path / "world" / "world.json").write_text(json.dumps({"settings": {"test_references": 8}}))
+    made_by = {"base": "pretrain base", "judge": "pretrain judge"}
     steps, runs = experiments.experiment_steps(tmp_path / "out", tmp_path / "world", tmp_path / "pre",
-                                               experiments.Recipe(), after=("pretrain base",))
-    after = {step.name: step.after for step in steps}
-    assert after["scaling easyref"] == ("train multi",) and after["scaling ip-adapter"] == ("train ip-adapter",)
-    assert after["bench lora"] == ("pretrain base",)
-    run_steps([Step("pretrain base", lambda: None), *steps], jobs=1, progress=False)
+                                               experiments.Recipe(), made_by=made_by)
+    after = {step.name: set(step.after) for step in steps}
+    assert after["scaling easyref"] == {"train multi", "pretrain judge"}
+    assert after["scaling ip-adapter"] == {"train ip-adapter", "pretrain judge"}
+    assert after["bench lora"] == {"pretrain base", "pretrain judge"}
+    run_steps([Step(name, lambda: None) for name in made_by.values()] + steps, jobs=1, progress=False)
     (scaling,) = [c for c in commands if c[:2] == ["bench", "scaling"] and "easyref" in c[c.index("--method") + 1]]
     assert scaling[scaling.index("--sizes") + 1:] == ["1", "2", "4", "8"]  # up to the references rendered
     assert _option(scaling, "--adapter") == str(tmp_path / "out" / "runs" / "multi" / "adapter")

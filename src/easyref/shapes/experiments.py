@@ -23,7 +23,7 @@ import dataclasses
 import functools
 import json
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from easyref.files import atomic_write, write_json
@@ -218,9 +218,11 @@ def _train_step_name(run: Path) -> str:
 
 def experiment_steps(output: Path, world: Path, pretrained: Path, recipe: Recipe, *,
                      methods: Sequence[str] = BENCH_METHODS, scaling: bool = True, lora: bool = True,
-                     after: Sequence[str] = ()) -> tuple[list[Step], dict[str, Path]]:
-    """The steps that train every model ``methods`` needs, benchmark and score them, all coming
-    ``after`` the given steps (the pretraining); and the run folders they fill, by name.
+                     made_by: Mapping[str, str] | None = None) -> tuple[list[Step], dict[str, Path]]:
+    """The steps that train every model ``methods`` needs, benchmark and score them; and the run folders
+    they fill, by name. ``made_by`` names the step that makes each pretrained model (``judge``, ``clip``,
+    ``dino``, ``base``, ``mllm``) when it is part of the same run: a step waits only for the models it
+    uses (training: the base and the MLLM or the CLIP; scoring: the judge, the CLIP and the DINO).
 
     ``OUT/bench/<method>`` runs the whole benchmark manifest (4 references per group);
     ``OUT/scaling/<method>`` the scaling subset at every size of :data:`SCALING_SIZES`;
@@ -232,13 +234,18 @@ def experiment_steps(output: Path, world: Path, pretrained: Path, recipe: Recipe
     manifest = world / BENCH_MANIFEST
     data = {"align": world / "train" / "stage1.json", "single": world / "train" / "stage2.json",
             "multi": world / "train" / "stage3.json"}
-    after = tuple(after)
+    made_by = made_by or {}
+
+    def needing(*models: str) -> tuple[str, ...]:
+        return tuple(made_by[model] for model in models if model in made_by)
+
+    scorers = needing("judge", "clip", "dino")
     steps: dict[str, Step] = {}
     runs: dict[str, Path] = {}
 
     def train_steps(model: str) -> tuple[str, Path]:
         """Add the training steps of ``model``; its last step's name and its final adapter."""
-        name, needs = "", after
+        name, needs = "", needing("base", "mllm")
         for stage, run, init, aggregation in stage_runs(model, runs_dir):
             name = _train_step_name(run)
             steps.setdefault(name, Step(
@@ -252,7 +259,7 @@ def experiment_steps(output: Path, world: Path, pretrained: Path, recipe: Recipe
         run = runs_dir / "ip-adapter"
         name = _train_step_name(run)
         steps.setdefault(name, Step(name, functools.partial(train_ip_adapter, world, pretrained, run, recipe),
-                                    after=after, done=functools.partial(ip_adapter_trained, run)))
+                                    after=needing("base", "clip"), done=functools.partial(ip_adapter_trained, run)))
         return name, run / "ip-adapter"
 
     def bench_step(method: str, folder: Path, source: Path, args: list, needs: tuple[str, ...]) -> None:
@@ -260,7 +267,8 @@ def experiment_steps(output: Path, world: Path, pretrained: Path, recipe: Recipe
             bench_run(folder, source, args, recipe)
             score(folder, pretrained)
             mark_scored(folder)
-        steps[f"bench {method}"] = Step(f"bench {method}", bench, after=needs, done=(folder / SCORED).is_file)
+        steps[f"bench {method}"] = Step(f"bench {method}", bench, after=needs + scorers,
+                                        done=(folder / SCORED).is_file)
         runs[method] = folder
 
     for method in methods:
@@ -273,7 +281,7 @@ def experiment_steps(output: Path, world: Path, pretrained: Path, recipe: Recipe
             bench_step(method, bench_dir / method, manifest,
                        method_args("ip-adapter", pretrained, ip_adapter=weights), (trained,))
         else:
-            bench_step(method, bench_dir / method, manifest, method_args(method, pretrained), after)
+            bench_step(method, bench_dir / method, manifest, method_args(method, pretrained), needing("base"))
     if scaling:
         rendered = json.loads((world / "world.json").read_text())["settings"]["test_references"]
         sizes = [size for size in SCALING_SIZES if size <= rendered]
@@ -286,14 +294,14 @@ def experiment_steps(output: Path, world: Path, pretrained: Path, recipe: Recipe
                 args = method_args("ip-adapter", pretrained, ip_adapter=weights)
             folder = output / "scaling" / method
             steps[f"scaling {method}"] = Step(f"scaling {method}", functools.partial(
-                scaling_run, folder, world, args, recipe, sizes, pretrained), after=(trained,),
+                scaling_run, folder, world, args, recipe, sizes, pretrained), after=(trained, *needing("judge")),
                 done=(folder / SCORED).is_file)
             runs.update({f"scaling/{method}/{size}": folder / f"size-{size}" for size in sizes})
     if lora:
         lora_args = method_args("lora", pretrained) + [
             "--lora-resolution", recipe.resolution, "--lora-rank", recipe.lora_rank,
             "--lora-steps", recipe.lora.steps, "--lora-lr", recipe.lora.learning_rate]
-        bench_step("lora", bench_dir / "lora", world / "manifest-lora.jsonl", lora_args, after)
+        bench_step("lora", bench_dir / "lora", world / "manifest-lora.jsonl", lora_args, needing("base"))
     return list(steps.values()), runs
 
 

@@ -86,14 +86,18 @@ def pretrain_one(name: str, output: Path, steps: int | None, seed: int, progress
     return summary
 
 
+def pretrain_step_name(model: str) -> str:
+    return f"pretrain {model}"
+
+
 def pretrain_steps(output: Path, seed: int, quick: bool) -> list[Step]:
     """One ``easyref shapes pretrain NAME`` step per model, listed longest chain first: the base model
     waits for the CLIP (its text encoders) and the judge (its evaluation)."""
-    needs = {"base": ("pretrain clip", "pretrain judge")}
+    needs = {"base": (pretrain_step_name("clip"), pretrain_step_name("judge"))}
     steps = []
     for name in ("clip", "judge", "base", "mllm", "dino"):
         args = ["shapes", "pretrain", name, output, "--seed", seed] + (["--quick"] if quick else [])
-        steps.append(Step(f"pretrain {name}", functools.partial(command, args), after=needs.get(name, ()),
+        steps.append(Step(pretrain_step_name(name), functools.partial(command, args), after=needs.get(name, ()),
                           done=(output / "work" / name / DONE).is_file))
     return steps
 
@@ -120,7 +124,7 @@ def reproduce(output: str | Path, *, quick: bool = False, seed: int = 0, progres
         recipe = Recipe(seed=seed).quick() if quick else Recipe(seed=seed)
         write_subsets(output / "world")
         part_two, runs = experiment_steps(output / "experiments", output / "world", pretrained, recipe,
-                                          after=[step.name for step in steps])
+                                          made_by={name: pretrain_step_name(name) for name in PRETRAIN_ORDER})
         steps += part_two
     run_steps(steps, jobs=default_jobs() if jobs is None else jobs, logs=output / "logs", timings=output / TIMINGS,
               progress=progress)
