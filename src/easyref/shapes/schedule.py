@@ -1,7 +1,8 @@
 """Run the steps of a long job several at a time, each command in its own process.
 
 Why: the ShapesWorld models are too small for a second torch thread to pay, so on a small CPU two
-processes with one thread each get nearly twice as much done as one process with two threads, and
+processes with one thread each get more done than one process with two threads (1.5 times as much on
+2 cores: benchmarks/parallel_steps.py), and
 independent steps (the judge and the CLIP, the ablations, the benchmark runs) need not wait for each
 other. A step is a function that runs ``easyref`` commands through :func:`command`; it starts once
 the steps it comes ``after`` have finished. Each step's output goes to its own log file, the console
